@@ -1,0 +1,24 @@
+"""bnrnn: batch-normalised recurrent networks that drop in for `torch.nn.LSTM`.
+
+Cooijmans et al. (2017), "Recurrent Batch Normalization", and Laurent et al. (2016),
+"Batch Normalized Recurrent Neural Networks". The library core depends on torch only.
+"""
+
+from .cell import BNLSTMCell, BNRNNCell
+from .functional import StepNorms, lstm_step, rnn_step
+from .norm import StepBatchNorm
+from .population import update_population_stats
+from .rnn import BNLSTM, BNRNN
+
+__all__ = [
+    "BNLSTM",
+    "BNLSTMCell",
+    "BNRNN",
+    "BNRNNCell",
+    "StepBatchNorm",
+    "StepNorms",
+    "lstm_step",
+    "rnn_step",
+    "update_population_stats",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,198 @@
+"""Batch normalisation with population statistics kept per time step.
+
+`StepBatchNorm` is the one normalisation module of the library. It holds the scale (and
+optional shift) shared over time and one row of population statistics per step
+(Cooijmans §3, footnote 1: "we separate only the statistics over time and not the gamma and
+beta parameters"). It normalises in three shapes:
+
+- `step(z, t)`: one step's present rows, (n, F). The reference path and the cells use it.
+- `frames(z, batch_sizes)`: every step at once, (T, N, F), frame-wise statistics over the
+  sequences present at each step (Laurent §4.1). Equal to calling `step` for each t.
+- `sequence(z, batch_sizes)`: one mean and variance over all unpadded frames of the batch
+  (Laurent eq. 20-21); the module then has a single row of statistics.
+
+Rows of a batch are sorted by decreasing length, so the sequences present at step t are
+the first `batch_sizes[t]` rows (as in `torch.nn.utils.rnn.PackedSequence`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+class StepBatchNorm(nn.Module):
+    """BN(z; gamma, beta) = beta + gamma * (z - mean) / sqrt(var + eps), statistics per step.
+
+    Parameters: ``weight`` (gamma) of shape (F,), initialised to ``gamma_init`` (Cooijmans §4:
+    0.1); ``bias`` (beta) of shape (F,), initialised to 0, or ``None`` when ``shift=False``
+    (Cooijmans §3: the ih and hh terms have no shift, the LSTM bias plays that role).
+
+    Buffers: ``running_mean`` and ``running_var`` of shape (max_length, F) (unbiased variance
+    stored, as `torch.nn.BatchNorm1d` does) and ``num_batches_tracked`` of shape
+    (max_length,), one count per row. ``momentum=None`` makes each row a cumulative average.
+
+    Steps beyond the last row use the last row in evaluation (Cooijmans §3: "we use the
+    population statistic of time T_max for all time steps beyond it"). In training they use
+    batch statistics and are not tracked, with a warning once (SPEC choice), so that the
+    last row is never silently corrupted.
+
+    A training step with fewer than two sequences present has no batch variance: it uses
+    that step's population statistics instead (SPEC choice), so that no NaN or inf appears.
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+    running_mean: Tensor
+    running_var: Tensor
+    num_batches_tracked: Tensor
+
+    def __init__(
+        self,
+        num_features: int,
+        max_length: int,
+        shift: bool = False,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        gamma_init: float = 0.1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if max_length < 1:
+            raise ValueError(f"max_length must be a positive integer, got {max_length}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.max_length = max_length
+        self.eps = eps
+        self.momentum = momentum
+        self.gamma_init = gamma_init
+        # Set by `update_population_stats`: batch statistics and tracking even in eval mode.
+        self.collecting = False
+        self._warned_beyond = False
+        self.weight = nn.Parameter(torch.empty(num_features, **factory))
+        if shift:
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.register_buffer("running_mean", torch.zeros(max_length, num_features, **factory))
+        self.register_buffer("running_var", torch.ones(max_length, num_features, **factory))
+        self.register_buffer(
+            "num_batches_tracked", torch.zeros(max_length, dtype=torch.long, device=device)
+        )
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+        self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        nn.init.constant_(self.weight, self.gamma_init)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, max_length={self.max_length}, eps={self.eps}, "
+            f"momentum={self.momentum}, shift={self.bias is not None}"
+        )
+
+    @property
+    def uses_batch_stats(self) -> bool:
+        return self.training or self.collecting
+
+    # -- normalisation ------------------------------------------------------------------
+
+    def step(self, z: Tensor, t: int) -> Tensor:
+        """Normalise step ``t``'s present rows ``z`` of shape (n, F)."""
+        n = z.shape[0]
+        if self.uses_batch_stats and n >= 2:
+            mean = z.mean(0)
+            var = z.var(0, unbiased=False)
+            self._track(torch.tensor([t]), mean.detach()[None], var.detach()[None], [n])
+        else:
+            row = min(t, self.max_length - 1)
+            mean, var = self.running_mean[row], self.running_var[row]
+        return self._scale((z - mean) * torch.rsqrt(var + self.eps))
+
+    def frames(self, z: Tensor, batch_sizes: Sequence[int], time_offset: int = 0) -> Tensor:
+        """Frame-wise normalisation of all steps at once; ``z`` is (T, N, F), zero-padded."""
+        T, N = z.shape[0], z.shape[1]
+        steps = torch.arange(time_offset, time_offset + T, device=z.device)
+        rows = steps.clamp(max=self.max_length - 1)
+        pop_mean, pop_var = self.running_mean[rows], self.running_var[rows]  # (T, F)
+        if not self.uses_batch_stats:
+            mean, var = pop_mean, pop_var
+        else:
+            sizes = torch.as_tensor(list(batch_sizes), device=z.device)
+            mask = (torch.arange(N, device=z.device)[None, :] < sizes[:, None]).unsqueeze(-1)
+            count = sizes.clamp(min=1).to(z.dtype)[:, None]  # (T, 1)
+            batch_mean = torch.where(mask, z, 0).sum(1) / count
+            centred = torch.where(mask, z - batch_mean[:, None], 0)
+            batch_var = centred.square().sum(1) / count
+            # Fewer than two sequences present: no batch variance, use the population row.
+            ok = (sizes >= 2)[:, None]
+            mean = torch.where(ok, batch_mean, pop_mean)
+            var = torch.where(ok, batch_var, pop_var)
+            good = sizes >= 2
+            self._track(
+                steps[good],
+                batch_mean.detach()[good],
+                batch_var.detach()[good],
+                sizes[good].tolist(),
+            )
+        return self._scale((z - mean[:, None]) * torch.rsqrt(var[:, None] + self.eps))
+
+    def sequence(self, z: Tensor, batch_sizes: Sequence[int]) -> Tensor:
+        """Sequence-wise normalisation (Laurent eq. 20-21): one mean and variance over all
+        unpadded frames of ``z`` (T, N, F); statistics live in row 0."""
+        N = z.shape[1]
+        sizes = torch.as_tensor(list(batch_sizes), device=z.device)
+        n = int(sizes.sum())
+        if self.uses_batch_stats and n >= 2:
+            mask = (torch.arange(N, device=z.device)[None, :] < sizes[:, None]).unsqueeze(-1)
+            mean = torch.where(mask, z, 0).sum((0, 1)) / n
+            var = torch.where(mask, z - mean, 0).square().sum((0, 1)) / n
+            self._track(torch.tensor([0]), mean.detach()[None], var.detach()[None], [n])
+        else:
+            mean, var = self.running_mean[0], self.running_var[0]
+        return self._scale((z - mean) * torch.rsqrt(var + self.eps))
+
+    def _scale(self, z_hat: Tensor) -> Tensor:
+        out = z_hat * self.weight
+        return out if self.bias is None else out + self.bias
+
+    # -- population statistics ----------------------------------------------------------
+
+    @torch.no_grad()
+    def _track(self, steps: Tensor, mean: Tensor, var: Tensor, counts: Sequence[int]) -> None:
+        """Fold batch statistics (k, F) of the given steps into their population rows."""
+        if not self.uses_batch_stats or len(counts) == 0:
+            return
+        steps = steps.to(self.running_mean.device)
+        inside = steps < self.max_length
+        if not bool(inside.all()) and not self._warned_beyond:
+            warnings.warn(
+                f"training on step {int(steps.max())} beyond max_length={self.max_length}: "
+                "batch statistics are used there and not tracked; raise max_length to keep "
+                "population statistics for these steps",
+                stacklevel=3,
+            )
+            self._warned_beyond = True
+        if not bool(inside.any()):
+            return
+        rows = steps[inside]
+        n = torch.as_tensor(list(counts), dtype=var.dtype, device=var.device)[inside]
+        unbiased = var[inside] * (n / (n - 1))[:, None]
+        self.num_batches_tracked[rows] += 1
+        if self.momentum is None:  # cumulative average, as torch.nn.BatchNorm
+            factor = (1.0 / self.num_batches_tracked[rows].to(var.dtype))[:, None]
+        else:
+            factor = torch.full_like(n, self.momentum)[:, None]
+        self.running_mean[rows] += factor * (mean[inside] - self.running_mean[rows])
+        self.running_var[rows] += factor * (unbiased - self.running_var[rows])

@@ -1,0 +1,399 @@
+"""`BNLSTM` and `BNRNN`: multi-layer, bidirectional, batch-normalised recurrent layers with
+the `torch.nn.LSTM` / `torch.nn.RNN` contract (arguments, parameter names, inputs, outputs).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from .functional import State, lstm_step, rnn_step
+from .init import WEIGHT_INITS, init_direction
+from .norm import StepBatchNorm
+from .packing import SortedBatch, prepare_input, reverse_padded
+from .placement import build_norms, check_placement, needs_batch_of_two
+from .reference import DirectionParams, StepFn, reference_direction
+
+IMPLS = ("auto", "reference")
+
+
+class _BNRNNBase(nn.Module):
+    """Shared machinery; subclasses fix the step function, gate count and state arity."""
+
+    _gates: int
+    _has_cell: bool
+    _mode: str
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        norm: str | None = "cooijmans",
+        input_stats: str = "frame",
+        max_length: int = 100,
+        momentum: float | None = 0.1,
+        eps: float = 1e-5,
+        gamma_init: float = 0.1,
+        forget_bias: float = 0.0,
+        learn_init: bool = False,
+        init_noise: float = 0.0,
+        weight_init: str = "uniform",
+        impl: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_placement(norm, input_stats, max_length)
+        if not isinstance(hidden_size, int) or hidden_size <= 0:
+            raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
+        if not isinstance(num_layers, int) or num_layers <= 0:
+            raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
+        if isinstance(dropout, bool) or not 0.0 <= float(dropout) <= 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                "dropout is applied between layers only (not after the last one); with "
+                f"num_layers=1 dropout={dropout} has no effect",
+                stacklevel=2,
+            )
+        if weight_init not in WEIGHT_INITS:
+            raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got {weight_init!r}")
+        if init_noise < 0:
+            raise ValueError(f"init_noise must be non-negative, got {init_noise}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
+
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.norm = norm
+        self.input_stats = input_stats
+        self.max_length = max_length
+        self.momentum = momentum
+        self.eps = eps
+        self.gamma_init = gamma_init
+        self.forget_bias = forget_bias
+        self.learn_init = learn_init
+        self.init_noise = init_noise
+        self.weight_init = weight_init
+        self.impl = impl
+        D = 2 if bidirectional else 1
+        G = self._gates * hidden_size
+
+        # Parameters named and shaped as torch.nn.LSTM's, so its state_dict loads.
+        self._direction_names: list[tuple[str, ...]] = []
+        for layer in range(num_layers):
+            layer_in = input_size if layer == 0 else hidden_size * D
+            for suffix in ("", "_reverse")[:D]:
+                tag = f"l{layer}{suffix}"
+                names = [f"weight_ih_{tag}", f"weight_hh_{tag}"]
+                setattr(self, names[0], nn.Parameter(torch.empty(G, layer_in, **factory)))
+                setattr(self, names[1], nn.Parameter(torch.empty(G, hidden_size, **factory)))
+                for kind in ("ih", "hh"):
+                    name = f"bias_{kind}_{tag}"
+                    names.append(name)
+                    if bias:
+                        setattr(self, name, nn.Parameter(torch.empty(G, **factory)))
+                    else:
+                        self.register_parameter(name, None)
+                norms = build_norms(
+                    norm,
+                    self._gates,
+                    hidden_size,
+                    self._has_cell,
+                    input_stats,
+                    max_length,
+                    eps,
+                    momentum,
+                    gamma_init,
+                    device,
+                    dtype,
+                )
+                for key, module in norms.items():
+                    setattr(self, f"bn_{key}_{tag}", module)
+                self._direction_names.append(tuple(names) + (tag,))
+
+        # Cooijmans eq. 1-4 treat h_0 and c_0 as model parameters.
+        n_states = num_layers * D
+        if learn_init:
+            self.h0 = nn.Parameter(torch.zeros(n_states, hidden_size, **factory))
+            self.c0 = (
+                nn.Parameter(torch.zeros(n_states, hidden_size, **factory))
+                if self._has_cell
+                else None
+            )
+        else:
+            self.register_parameter("h0", None)
+            self.register_parameter("c0", None)
+        self.reset_parameters()
+
+    # -- nn.LSTM conventions ------------------------------------------------------------
+
+    def reset_parameters(self) -> None:
+        for names in self._direction_names:
+            w_ih, w_hh, b_ih, b_hh = (getattr(self, n) for n in names[:4])
+            init_direction(w_ih, w_hh, b_ih, b_hh, self.weight_init, self._gates, self.forget_bias)
+        for module in self.norm_modules():
+            module.reset_parameters()
+        for p in (self.h0, self.c0):
+            if p is not None:
+                nn.init.zeros_(p)
+
+    def reset_running_stats(self) -> None:
+        for module in self.norm_modules():
+            module.reset_running_stats()
+
+    def flatten_parameters(self) -> None:
+        """No-op, for `torch.nn.LSTM` compatibility: the weights are never flattened."""
+
+    def norm_modules(self) -> list[StepBatchNorm]:
+        return [m for m in self.children() if isinstance(m, StepBatchNorm)]
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if not self.bias:
+            s += ", bias=False"
+        if self.batch_first:
+            s += ", batch_first=True"
+        if self.dropout:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional:
+            s += ", bidirectional=True"
+        s += f", norm={self.norm!r}"
+        if self.norm is not None:
+            s += f", input_stats={self.input_stats!r}, max_length={self.max_length}"
+            s += f", gamma_init={self.gamma_init}"
+        if self.learn_init:
+            s += ", learn_init=True"
+        if self.init_noise:
+            s += f", init_noise={self.init_noise}"
+        if self.weight_init != "uniform":
+            s += f", weight_init={self.weight_init!r}"
+        return s
+
+    # -- forward ------------------------------------------------------------------------
+
+    def _step_fn(self) -> StepFn:
+        raise NotImplementedError
+
+    def _direction(self, index: int) -> DirectionParams:
+        w_ih, w_hh, b_ih, b_hh, tag = (
+            getattr(self, n) if i < 4 else n for i, n in enumerate(self._direction_names[index])
+        )
+        bias = None if b_ih is None else b_ih + b_hh
+        return DirectionParams(
+            w_ih,
+            w_hh,
+            bias,
+            bn_ih=getattr(self, f"bn_ih_{tag}", None),
+            bn_hh=getattr(self, f"bn_hh_{tag}", None),
+            bn_pre=getattr(self, f"bn_pre_{tag}", None),
+            bn_c=getattr(self, f"bn_c_{tag}", None),
+            input_stats=self.input_stats,
+        )
+
+    def _initial_states(
+        self, hx: Tensor | tuple[Tensor, ...] | None, batch: SortedBatch, like: Tensor
+    ) -> list[Tensor]:
+        """Initial states as a list (h, c) / (h,), each (L*D, N, H) in sorted order."""
+        D = 2 if self.bidirectional else 1
+        N = batch.x.shape[1]
+        shape = (self.num_layers * D, N, self.hidden_size)
+        n_parts = 2 if self._has_cell else 1
+        if hx is None:
+            learned = (self.h0, self.c0)[:n_parts]
+            states = [
+                like.new_zeros(shape) if p is None else p[:, None].expand(shape) for p in learned
+            ]
+        else:
+            parts = (hx,) if isinstance(hx, Tensor) else tuple(hx)
+            if len(parts) != n_parts:
+                raise RuntimeError(f"hx must be a tuple of {n_parts} tensors, got {len(parts)}")
+            states = []
+            for k, s in enumerate(parts):
+                expect = (shape[0], shape[2]) if batch.unbatched else shape
+                if tuple(s.shape) != expect:
+                    raise RuntimeError(f"Expected hidden[{k}] size {expect}, got {list(s.shape)}")
+                s = s.unsqueeze(1) if batch.unbatched else s
+                states.append(batch.sort_state(s))
+        if self.training and self.init_noise > 0:
+            # Cooijmans §5.1: Gaussian noise on the initial hidden state.
+            states[0] = states[0] + self.init_noise * torch.randn_like(states[0])
+        return states
+
+    def _forward(
+        self,
+        input: Tensor | PackedSequence,
+        hx: Tensor | tuple[Tensor, ...] | None,
+        lengths: Tensor | Sequence[int] | None,
+        time_offset: int,
+    ) -> tuple[Tensor | PackedSequence, list[Tensor]]:
+        if isinstance(time_offset, bool) or not isinstance(time_offset, int) or time_offset < 0:
+            raise ValueError(f"time_offset must be a non-negative integer, got {time_offset!r}")
+        batch = prepare_input(input, self.input_size, self.batch_first, lengths)
+        x = batch.x
+        w = self.weight_ih_l0
+        if x.dtype != w.dtype:
+            raise RuntimeError(f"input must have the type {w.dtype}, got type {x.dtype}")
+        uses_batch = self.training or any(m.collecting for m in self.norm_modules())
+        if uses_batch and x.shape[1] < 2 and needs_batch_of_two(self.norm, self.input_stats):
+            raise ValueError(
+                "Expected more than 1 sequence per batch when training with batch statistics "
+                f"(norm={self.norm!r}), got a batch of {x.shape[1]} sequence; use eval() mode "
+                "or a larger batch"
+            )
+        init = self._initial_states(hx, batch, x)
+        D = 2 if self.bidirectional else 1
+        step = self._step_fn()
+        finals: list[list[Tensor]] = [[] for _ in init]
+        layer_input = x
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(D):
+                index = layer * D + d
+                state: State = tuple(s[index] for s in init)
+                xin = layer_input if d == 0 else reverse_padded(layer_input, batch.lengths)
+                out, state = reference_direction(
+                    xin, batch.batch_sizes, state, self._direction(index), step, time_offset
+                )
+                outs.append(out if d == 0 else reverse_padded(out, batch.lengths))
+                for k, s in enumerate(state):
+                    finals[k].append(s)
+            layer_input = outs[0] if D == 1 else torch.cat(outs, -1)  # (T, N, D*H)
+            if self.training and self.dropout > 0 and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        output = batch.restore_output(layer_input)
+        return output, [batch.unsort_state(torch.stack(f)) for f in finals]
+
+
+class BNLSTM(_BNRNNBase):
+    r"""Batch-normalised multi-layer LSTM with the `torch.nn.LSTM` contract.
+
+    Cooijmans et al. (2017) eq. 6-8 by default (``norm="cooijmans"``)::
+
+        (i, f, g, o) = BN(W_hh h_{t-1}; g_hh) + BN(W_ih x_t; g_ih) + b
+        c_t = sig(f) * c_{t-1} + sig(i) * tanh(g)
+        h_t = sig(o) * tanh(BN(c_t; g_c, b_c))
+
+    or Laurent et al. (2016) eq. 18 (``"input"``) / eq. 17 (``"preactivation"``), or the plain
+    LSTM (``None``). Statistics are per step over the sequences present at that step
+    (frame-wise), or over all unpadded frames for the input term (``input_stats="sequence"``).
+
+    Args (after `torch.nn.LSTM`'s ``input_size, hidden_size, num_layers, bias, batch_first,
+    dropout, bidirectional``):
+        norm: the placement, ``"cooijmans"``, ``"input"``, ``"preactivation"`` or ``None``.
+        input_stats: ``"frame"`` or ``"sequence"`` statistics for the input term.
+        max_length: number of steps with their own population statistics; later steps
+            reuse the last row in evaluation (Cooijmans §3).
+        momentum: running-average factor of the population statistics, ``None`` for a
+            cumulative average.
+        eps: added to the variance.
+        gamma_init: initial BN scale (Cooijmans §4: 0.1).
+        forget_bias: initial forget-gate bias (in ``bias_ih``), 0 leaves the scheme's value.
+        learn_init: learn the initial states ``h0``, ``c0`` of shape (L*D, H).
+        init_noise: std of Gaussian noise added to the initial hidden state in training
+            (Cooijmans §5.1).
+        weight_init: ``"uniform"`` (`nn.LSTM`'s), ``"orthogonal"`` or ``"identity"``.
+        impl: ``"auto"`` or ``"reference"`` (the plain Python loop over steps).
+
+    Shapes: weight_ih_l{k}: (4H, I or D*H); weight_hh_l{k}: (4H, H); bias_ih_l{k},
+    bias_hh_l{k}: (4H,), gates in torch order (i, f, g, o). BN modules ``bn_ih_l{k}``,
+    ``bn_hh_l{k}`` (4H features), ``bn_c_l{k}`` (H features, with shift) and ``bn_pre_l{k}``
+    hold ``weight`` (gamma), ``bias`` (beta) and ``running_mean``/``running_var`` of shape
+    (max_length, F).
+
+    Forward: ``input`` as `nn.LSTM` accepts it, optional ``hx = (h_0, c_0)`` each
+    (L*D, N, H), optional ``lengths`` (N,) for a padded tensor, and ``time_offset``: the step
+    index of the first step (to continue the statistics across truncated-BPTT segments).
+    Returns ``output, (h_n, c_n)``; padded output positions are zero and ``h_n, c_n`` are each
+    sequence's state at its own last step.
+    """
+
+    _gates = 4
+    _has_cell = True
+    _mode = "LSTM"
+
+    def _step_fn(self) -> StepFn:
+        return lstm_step
+
+    def forward(
+        self,
+        input: Tensor | PackedSequence,
+        hx: tuple[Tensor, Tensor] | None = None,
+        lengths: Tensor | Sequence[int] | None = None,
+        time_offset: int = 0,
+    ) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
+        output, (h_n, c_n) = self._forward(input, hx, lengths, time_offset)
+        return output, (h_n, c_n)
+
+
+class BNRNN(_BNRNNBase):
+    r"""Batch-normalised multi-layer simple RNN with the `torch.nn.RNN` contract:
+    ``h_t = tanh(BN(W_hh h_{t-1}) + BN(W_ih x_t) + b)`` (Cooijmans §4, Fig. 1a) with the same
+    placements as `BNLSTM` minus the cell. Arguments are `nn.RNN`'s, then `BNLSTM`'s.
+    """
+
+    _gates = 1
+    _has_cell = False
+    _mode = "RNN"
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        nonlinearity: str = "tanh",
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(
+                f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'."
+            )
+        self.nonlinearity = nonlinearity
+        super().__init__(
+            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, **kwargs
+        )
+
+    def _step_fn(self) -> StepFn:
+        if self.nonlinearity == "tanh":
+            return rnn_step
+        return functools.partial(rnn_step, nonlinearity="relu")
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s if self.nonlinearity == "tanh" else s + ", nonlinearity='relu'"
+
+    def forward(
+        self,
+        input: Tensor | PackedSequence,
+        hx: Tensor | None = None,
+        lengths: Tensor | Sequence[int] | None = None,
+        time_offset: int = 0,
+    ) -> tuple[Tensor | PackedSequence, Tensor]:
+        output, (h_n,) = self._forward(input, hx, lengths, time_offset)
+        return output, h_n
