@@ -59,7 +59,7 @@ def reference_direction(
     state: tuple of (N, H). Returns the output (T, N, H), zero beyond each length, and the
     state of each sequence at its own last step.
     """
-    T, N = x.shape[0], x.shape[1]
+    N = x.shape[1]
     if p.bn_ih is not None and p.input_stats == "sequence":
         # Laurent eq. 20-21: one mean and variance over all unpadded frames.
         wx_steps = p.bn_ih.sequence(F.linear(x, p.weight_ih), batch_sizes).unbind(0)
