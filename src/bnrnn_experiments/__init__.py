@@ -1,0 +1,1 @@
+"""Experiment harness for bnrnn: data, training, plots, CLI."""
