@@ -1,0 +1,71 @@
+"""Shared test helpers: the paper's equations written out by hand, and small utilities."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def manual_bn(
+    z: Tensor,
+    gamma: Tensor,
+    beta: Tensor | None,
+    eps: float,
+    mean: Tensor | None = None,
+    var: Tensor | None = None,
+) -> Tensor:
+    """BN(z; gamma, beta) with the batch mean and biased variance computed by hand."""
+    if mean is None:
+        n = z.shape[0]
+        mean = z.sum(0) / n
+        var = ((z - mean) ** 2).sum(0) / n
+    out = gamma * (z - mean) / torch.sqrt(var + eps)
+    return out if beta is None else out + beta
+
+
+def manual_bnlstm(model, x: Tensor, train: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """One-layer, one-direction BNLSTM over a full-length batch x (T, N, I), by hand.
+
+    Cooijmans eq. 6-8 / Laurent eq. 17-18, gates (i, f, g, o). In eval mode the population
+    statistics of row min(t, max_length - 1) are used.
+    """
+    W_ih, W_hh = model.weight_ih_l0, model.weight_hh_l0
+    b = model.bias_ih_l0 + model.bias_hh_l0
+    T, N, _ = x.shape
+    H = model.hidden_size
+    h = x.new_zeros(N, H)
+    c = x.new_zeros(N, H)
+    outs = []
+
+    def bn(name, z, t):
+        m = getattr(model, f"bn_{name}_l0")
+        if train:
+            return manual_bn(z, m.weight, m.bias, m.eps)
+        row = min(t, m.max_length - 1)
+        return manual_bn(z, m.weight, m.bias, m.eps, m.running_mean[row], m.running_var[row])
+
+    for t in range(T):
+        wx = x[t] @ W_ih.T
+        wh = h @ W_hh.T
+        if model.norm == "cooijmans":
+            a = bn("hh", wh, t) + bn("ih", wx, t) + b
+        elif model.norm == "input":
+            a = wh + bn("ih", wx, t) + b
+        elif model.norm == "preactivation":
+            a = bn("pre", wh + wx, t) + b
+        else:
+            a = wh + wx + b
+        i, f, g, o = a.chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        c_out = bn("c", c, t) if model.norm == "cooijmans" else c
+        h = torch.sigmoid(o) * torch.tanh(c_out)
+        outs.append(h)
+    return torch.stack(outs), h, c
+
+
+def all_grads(module, *inputs) -> dict[str, Tensor]:
+    """Gradients of every parameter and input, keyed by name."""
+    out = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    for k, t in enumerate(inputs):
+        out[f"input{k}"] = t.grad.clone()
+    return out

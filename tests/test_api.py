@@ -1,0 +1,264 @@
+"""The torch.nn.LSTM contract: construction, input forms, state, serialisation, errors."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import bnrnn
+
+
+def test_constructor_argument_order_matches_nn_lstm():
+    m = bnrnn.BNLSTM(
+        3, 4, 2, True, True, 0.2, True, "input", "sequence", 50, None, 1e-3, 0.2, 1.0, True, 0.1
+    )
+    assert (m.num_layers, m.bias, m.batch_first, m.dropout, m.bidirectional) == (
+        2,
+        True,
+        True,
+        0.2,
+        True,
+    )
+    assert (m.norm, m.input_stats, m.max_length, m.momentum, m.eps, m.gamma_init) == (
+        "input",
+        "sequence",
+        50,
+        None,
+        1e-3,
+        0.2,
+    )
+    assert (m.forget_bias, m.learn_init, m.init_noise) == (1.0, True, 0.1)
+    assert torch.all(m.bias_ih_l0[4:8] == 1.0) and torch.all(m.bias_hh_l0[4:8] == 0.0)
+    assert m.h0.shape == (4, 4) and m.c0.shape == (4, 4)
+    assert "norm='input'" in repr(m) and "input_stats='sequence'" in repr(m)
+
+
+def test_batch_first_and_time_major_agree():
+    torch.manual_seed(0)
+    a = bnrnn.BNLSTM(3, 4, bidirectional=True)
+    b = bnrnn.BNLSTM(3, 4, bidirectional=True, batch_first=True)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(5, 6, 3)
+    lengths = [5, 3, 5, 2, 4, 1]
+    oa, (ha, _) = a(x, lengths=lengths)
+    ob, (hb, _) = b(x.transpose(0, 1), lengths=lengths)
+    torch.testing.assert_close(ob.transpose(0, 1), oa)
+    torch.testing.assert_close(hb, ha)
+
+
+def test_packed_unsorted_and_padded_with_lengths_agree():
+    torch.manual_seed(1)
+    m = bnrnn.BNLSTM(3, 4, num_layers=2)
+    x = torch.randn(5, 4, 3)
+    lengths = torch.tensor([2, 5, 3, 5])
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    po, (ph, pc) = m(packed)
+    assert torch.equal(po.sorted_indices, packed.sorted_indices)
+    assert torch.equal(po.unsorted_indices, packed.unsorted_indices)
+    assert torch.equal(po.batch_sizes, packed.batch_sizes)
+    o, (h, c) = m(x, lengths=lengths)
+    torch.testing.assert_close(po.data, pack_padded_sequence(o, lengths, enforce_sorted=False).data)
+    torch.testing.assert_close(ph, h)
+    torch.testing.assert_close(pc, c)
+
+
+def test_hx_is_used_and_learned_init_state_trains():
+    torch.manual_seed(2)
+    m = bnrnn.BNLSTM(3, 4, learn_init=True)
+    x = torch.randn(5, 3, 3)
+    out, _ = m(x)
+    out.sum().backward()
+    assert m.h0.grad is not None and m.c0.grad is not None
+    hx = (torch.randn(1, 3, 4), torch.randn(1, 3, 4))
+    assert not torch.allclose(m(x, hx)[0], out)
+
+
+def test_init_noise_only_in_training():
+    torch.manual_seed(3)
+    m = bnrnn.BNLSTM(3, 4, init_noise=0.5)
+    x = torch.randn(4, 3, 3)
+    m(x)
+    m.eval()
+    assert torch.equal(m(x)[0], m(x)[0])
+    m.train()
+    torch.manual_seed(0)
+    a = m(x)[0]
+    torch.manual_seed(1)
+    assert not torch.allclose(a, m(x)[0])
+
+
+def test_dropout_between_layers_applies_in_training_only():
+    torch.manual_seed(4)
+    m = bnrnn.BNLSTM(3, 4, num_layers=2, dropout=0.5, norm=None)
+    x = torch.randn(5, 3, 3)
+    torch.manual_seed(0)
+    a = m(x)[0]
+    torch.manual_seed(1)
+    b = m(x)[0]
+    assert not torch.allclose(a, b)
+    nodrop = bnrnn.BNLSTM(3, 4, num_layers=2, dropout=0.0, norm=None)
+    nodrop.load_state_dict(m.state_dict())
+    assert not torch.allclose(a, nodrop(x)[0])
+    m.eval()
+    nodrop.eval()
+    torch.testing.assert_close(m(x)[0], nodrop(x)[0])
+    with pytest.warns(UserWarning, match="no effect"):
+        bnrnn.BNLSTM(3, 4, num_layers=1, dropout=0.5)
+
+
+@pytest.mark.parametrize("scheme", ["orthogonal", "identity"])
+def test_weight_init_schemes(scheme):
+    m = bnrnn.BNLSTM(4, 4, weight_init=scheme, forget_bias=1.0)
+    for block in m.weight_ih_l0.split(4):
+        torch.testing.assert_close(block @ block.T, torch.eye(4), atol=1e-5, rtol=0)
+    for block in m.weight_hh_l0.split(4):
+        if scheme == "identity":
+            assert torch.equal(block, torch.eye(4))
+        else:
+            torch.testing.assert_close(block @ block.T, torch.eye(4), atol=1e-5, rtol=0)
+    assert torch.all(m.bias_ih_l0 == torch.tensor([0.0] * 4 + [1.0] * 4 + [0.0] * 8))
+
+
+def test_reset_parameters_restores_initial_values():
+    m = bnrnn.BNLSTM(3, 4, weight_init="identity")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)
+    m.reset_parameters()
+    assert torch.equal(m.weight_hh_l0[:4], torch.eye(4))
+    assert torch.all(m.bn_ih_l0.weight == 0.1)
+
+
+def test_deepcopy_save_load_and_flatten_parameters():
+    torch.manual_seed(5)
+    m = bnrnn.BNLSTM(3, 4, num_layers=2, bidirectional=True)
+    m(torch.randn(4, 3, 3))
+    m.flatten_parameters()
+    m.eval()
+    x = torch.randn(6, 2, 3)
+    want = m(x)[0]
+    clone = copy.deepcopy(m)
+    torch.testing.assert_close(clone(x)[0], want)
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    torch.testing.assert_close(loaded(x)[0], want)
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    fresh = bnrnn.BNLSTM(3, 4, num_layers=2, bidirectional=True)
+    fresh.load_state_dict(torch.load(buf))
+    fresh.eval()
+    torch.testing.assert_close(fresh(x)[0], want)
+
+
+def test_device_and_dtype_are_honoured():
+    m = bnrnn.BNLSTM(3, 4, device="cpu", dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in m.parameters())
+    assert all(b.dtype in (torch.float64, torch.long) for b in m.buffers())
+    out, (h, c) = m(torch.randn(3, 2, 3, dtype=torch.float64))
+    assert out.dtype == torch.float64
+    m.float()
+    assert m(torch.randn(3, 2, 3))[0].dtype == torch.float32
+
+
+def test_bnrnn_and_cells_shapes():
+    rnn = bnrnn.BNRNN(3, 4, num_layers=2, bidirectional=True, batch_first=True)
+    out, h = rnn(torch.randn(5, 6, 3), lengths=[6, 2, 3, 4, 5])
+    assert out.shape == (5, 6, 8) and h.shape == (4, 5, 4)
+    cell = bnrnn.BNRNNCell(3, 4)
+    assert cell(torch.randn(5, 3), t=2).shape == (5, 4)
+    lcell = bnrnn.BNLSTMCell(3, 4)
+    lcell.eval()
+    h, c = lcell(torch.randn(3))
+    assert h.shape == (4,) and c.shape == (4,)
+
+
+# -- errors: what was expected and what was received ---------------------------------------
+
+BAD_INPUTS = [
+    (lambda m: m(torch.randn(5, 3, 7)), RuntimeError, r"input_size. Expected 3, got 7"),
+    (lambda m: m(torch.randn(5, 3, 3, 1)), ValueError, r"Expected input to be 2D or 3D, got 4D"),
+    (
+        lambda m: m(torch.ones(5, 3, 3, dtype=torch.long)),
+        TypeError,
+        r"floating point tensor, got dtype torch.int64",
+    ),
+    (
+        lambda m: m(torch.randn(5, 3, 3), lengths=[5, 2]),
+        RuntimeError,
+        r"Expected shape \(3,\), got \(2,\)",
+    ),
+    (
+        lambda m: m(torch.randn(5, 3, 3), lengths=[5, 6, 2]),
+        RuntimeError,
+        r"Expected at most 5, got 6",
+    ),
+    (
+        lambda m: m(torch.randn(5, 3, 3), lengths=[5, 0, 2]),
+        RuntimeError,
+        r"lengths must be at least 1",
+    ),
+    (
+        lambda m: m(torch.randn(5, 3, 3), (torch.zeros(1, 2, 4), torch.zeros(1, 3, 4))),
+        RuntimeError,
+        r"Expected hidden\[0\] size \(1, 3, 4\), got \[1, 2, 4\]",
+    ),
+    (
+        lambda m: m(torch.randn(5, 1, 3)),
+        ValueError,
+        r"Expected more than 1 sequence per batch when training.*got a batch of 1",
+    ),
+    (lambda m: m(torch.randn(5, 3)), ValueError, r"Expected more than 1 sequence"),
+    (
+        lambda m: m(torch.randn(5, 3, 3, dtype=torch.float64)),
+        RuntimeError,
+        r"input must have the type torch.float32, got type torch.float64",
+    ),
+    (lambda m: m(torch.randn(5, 3, 3), time_offset=-1), ValueError, r"time_offset"),
+]
+
+
+@pytest.mark.parametrize("call,error,pattern", BAD_INPUTS)
+def test_bad_input_raises_clear_error(call, error, pattern):
+    m = bnrnn.BNLSTM(3, 4)
+    with pytest.raises(error, match=pattern):
+        call(m)
+
+
+BAD_CONFIGS = [
+    ({"norm": "layer"}, r"norm must be one of .* got 'layer'"),
+    ({"input_stats": "batch"}, r"input_stats must be one of .* got 'batch'"),
+    ({"norm": "preactivation", "input_stats": "sequence"}, r"got norm='preactivation'"),
+    ({"max_length": 0}, r"max_length must be a positive integer, got 0"),
+    ({"dropout": 1.5}, r"dropout must be a number in \[0, 1\], got 1.5"),
+    ({"weight_init": "xavier"}, r"weight_init must be one of"),
+    ({"init_noise": -1.0}, r"init_noise must be non-negative"),
+]
+
+
+@pytest.mark.parametrize("kwargs,pattern", BAD_CONFIGS)
+def test_bad_configuration_raises_value_error(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        bnrnn.BNLSTM(3, 4, **kwargs)
+
+
+def test_single_sequence_allowed_in_eval_and_without_frame_wise_statistics():
+    m = bnrnn.BNLSTM(3, 4)
+    m.eval()
+    m(torch.randn(5, 1, 3))
+    bnrnn.BNLSTM(3, 4, norm=None)(torch.randn(5, 1, 3))
+    bnrnn.BNLSTM(3, 4, norm="input", input_stats="sequence")(torch.randn(5, 1, 3))
+
+
+def test_cell_errors():
+    cell = bnrnn.BNLSTMCell(3, 4)
+    with pytest.raises(RuntimeError, match="Expected 3, got 5"):
+        cell(torch.randn(2, 5))
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(2, 4\)"):
+        cell(torch.randn(2, 3), (torch.zeros(3, 4), torch.zeros(2, 4)))
+    with pytest.raises(ValueError, match="Expected more than 1 sequence"):
+        cell(torch.randn(1, 3))

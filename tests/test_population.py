@@ -1,0 +1,143 @@
+"""Population statistics: rows per step, reuse of the last row, no corruption beyond
+max_length, and re-estimation by `update_population_stats`."""
+
+import warnings
+
+import pytest
+import torch
+
+import bnrnn
+
+
+def _wx_stats(m, x):
+    """Per-step batch mean and unbiased variance of W_ih x, computed by hand: (T, 4H)."""
+    wx = x @ m.weight_ih_l0.T
+    n = x.shape[1]
+    mean = wx.sum(1) / n
+    var = ((wx - mean[:, None]) ** 2).sum(1) / (n - 1)
+    return mean, var
+
+
+def test_eval_beyond_max_length_uses_last_row():
+    torch.manual_seed(0)
+    m = bnrnn.BNLSTM(2, 3, norm="input", max_length=4, dtype=torch.float64)
+    m(torch.randn(4, 5, 2, dtype=torch.float64))
+    m.eval()
+    x = torch.randn(7, 2, 2, dtype=torch.float64)
+    out, _ = m(x)
+    # Same result when rows 4..6 are explicitly filled with row 3.
+    m2 = bnrnn.BNLSTM(2, 3, norm="input", max_length=7, dtype=torch.float64)
+    sd = m.state_dict()
+    for key in ("running_mean", "running_var"):
+        rows = sd[f"bn_ih_l0.{key}"]
+        sd[f"bn_ih_l0.{key}"] = torch.cat([rows, rows[-1:].expand(3, -1)])
+    sd["bn_ih_l0.num_batches_tracked"] = torch.ones(7, dtype=torch.long)
+    m2.load_state_dict(sd)
+    m2.eval()
+    torch.testing.assert_close(m2(x)[0], out)
+
+
+def test_time_offset_continues_rows_and_clamps():
+    torch.manual_seed(1)
+    m = bnrnn.BNLSTM(2, 3, max_length=6, dtype=torch.float64)
+    m(torch.randn(6, 4, 2, dtype=torch.float64))
+    m.eval()
+    x = torch.randn(8, 2, 2, dtype=torch.float64)
+    full, (h, c) = m(x)
+    first, state = m(x[:3])
+    second, _ = m(x[3:], state, time_offset=3)
+    torch.testing.assert_close(torch.cat([first, second]), full)
+
+
+def test_training_beyond_max_length_leaves_last_row_untouched_and_warns_once():
+    torch.manual_seed(2)
+    m = bnrnn.BNLSTM(2, 3, max_length=3)
+    m(torch.randn(3, 4, 2))
+    before = {k: v.clone() for k, v in m.state_dict().items() if "running" in k}
+    with pytest.warns(UserWarning, match="beyond max_length=3"):
+        m(torch.randn(3, 4, 2), time_offset=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m(torch.randn(5, 4, 2), time_offset=3)  # no second warning
+    for k, v in before.items():
+        assert torch.equal(m.state_dict()[k], v), k
+    assert m.bn_hh_l0.num_batches_tracked.tolist() == [1, 1, 1]
+
+
+def test_training_mixed_steps_tracks_inside_rows_only():
+    torch.manual_seed(3)
+    m = bnrnn.BNLSTM(2, 3, norm="input", max_length=3, momentum=None, dtype=torch.float64)
+    x = torch.randn(5, 4, 2, dtype=torch.float64)
+    with pytest.warns(UserWarning):
+        m(x)
+    mean, var = _wx_stats(m, x)
+    torch.testing.assert_close(m.bn_ih_l0.running_mean, mean[:3])
+    torch.testing.assert_close(m.bn_ih_l0.running_var, var[:3])
+
+
+def test_cumulative_average_with_momentum_none():
+    torch.manual_seed(4)
+    m = bnrnn.BNLSTM(2, 3, norm="input", max_length=4, momentum=None, dtype=torch.float64)
+    xs = [torch.randn(4, 5, 2, dtype=torch.float64) * (k + 1) for k in range(3)]
+    for x in xs:
+        m(x)
+    stats = [_wx_stats(m, x) for x in xs]
+    torch.testing.assert_close(m.bn_ih_l0.running_mean, sum(s[0] for s in stats) / 3)
+    torch.testing.assert_close(m.bn_ih_l0.running_var, sum(s[1] for s in stats) / 3)
+    assert m.bn_ih_l0.num_batches_tracked.tolist() == [3, 3, 3, 3]
+
+
+def test_update_population_stats_is_plain_average_of_batch_stats():
+    torch.manual_seed(5)
+    # dropout and init noise would change the statistics: re-estimation runs without them.
+    net = torch.nn.Sequential()
+    net.rnn = bnrnn.BNLSTM(
+        2,
+        3,
+        num_layers=2,
+        dropout=0.5,
+        norm="input",
+        max_length=4,
+        init_noise=1.0,
+        dtype=torch.float64,
+    )
+    m = net.rnn
+    m(torch.randn(4, 5, 2, dtype=torch.float64))  # stale statistics, to be replaced
+    m.train()
+    batches = [(torch.randn(4, 6, 2, dtype=torch.float64) + k, None) for k in range(3)]
+    weights = {
+        k: v.clone() for k, v in m.state_dict().items() if "running" not in k and "tracked" not in k
+    }
+    seen = bnrnn.update_population_stats(m, batches)
+    assert seen == 3 and m.training and m.bn_ih_l0.momentum == 0.1
+    stats = [_wx_stats(m, x) for x, _ in batches]
+    torch.testing.assert_close(m.bn_ih_l0.running_mean, sum(s[0] for s in stats) / 3)
+    torch.testing.assert_close(m.bn_ih_l0.running_var, sum(s[1] for s in stats) / 3)
+    for k, v in weights.items():
+        assert torch.equal(m.state_dict()[k], v), k
+
+
+def test_update_population_stats_counts_rows_where_steps_were_present():
+    torch.manual_seed(6)
+    m = bnrnn.BNLSTM(2, 3, norm="input", max_length=4, dtype=torch.float64)
+    x1 = torch.randn(4, 3, 2, dtype=torch.float64)
+    x2 = torch.randn(2, 3, 2, dtype=torch.float64)
+
+    def run(model, batch):
+        model(batch)
+
+    bnrnn.update_population_stats(m, [x1, x2], forward_fn=run)
+    assert m.bn_ih_l0.num_batches_tracked.tolist() == [2, 2, 1, 1]
+    mean1, _ = _wx_stats(m, x1)
+    mean2, _ = _wx_stats(m, x2)
+    torch.testing.assert_close(m.bn_ih_l0.running_mean[2:], mean1[2:])
+    torch.testing.assert_close(m.bn_ih_l0.running_mean[:2], (mean1[:2] + mean2) / 2)
+
+
+def test_reset_running_stats():
+    m = bnrnn.BNLSTM(2, 3)
+    m(torch.randn(3, 4, 2))
+    m.reset_running_stats()
+    for bn in m.norm_modules():
+        assert torch.all(bn.running_mean == 0) and torch.all(bn.running_var == 1)
+        assert torch.all(bn.num_batches_tracked == 0)
