@@ -8,7 +8,7 @@ from .cell import BNLSTMCell, BNRNNCell
 from .functional import StepNorms, lstm_step, rnn_step
 from .norm import StepBatchNorm
 from .population import update_population_stats
-from .rnn import BNLSTM, BNRNN
+from .rnn import BNLSTM, BNRNN, convert_sync_batchnorm
 
 __all__ = [
     "BNLSTM",
@@ -19,6 +19,7 @@ __all__ = [
     "StepNorms",
     "lstm_step",
     "rnn_step",
+    "convert_sync_batchnorm",
     "update_population_stats",
 ]
 __version__ = "0.1.0"

@@ -21,6 +21,8 @@ import warnings
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 from torch import Tensor, nn
 
 
@@ -72,6 +74,9 @@ class StepBatchNorm(nn.Module):
         self.gamma_init = gamma_init
         # Set by `update_population_stats`: batch statistics and tracking even in eval mode.
         self.collecting = False
+        # Set by `convert_sync_batchnorm` / `sync_stats=True`: all-reduce the statistics.
+        self.sync = False
+        self.process_group: object | None = None
         self._warned_beyond = False
         self.weight = nn.Parameter(torch.empty(num_features, **factory))
         if shift:
@@ -106,14 +111,45 @@ class StepBatchNorm(nn.Module):
     def uses_batch_stats(self) -> bool:
         return self.training or self.collecting
 
+    @property
+    def syncing(self) -> bool:
+        """Whether batch statistics are all-reduced over the process group now."""
+        if not (
+            self.sync and self.uses_batch_stats and dist.is_available() and dist.is_initialized()
+        ):
+            return False
+        return dist.get_world_size(self.process_group) > 1
+
+    def _synced_moments(
+        self, sums: Tensor, squares: Tensor, counts: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """All-reduce per-row sums (K, F), sums of squares (K, F) and counts (K,) over the
+        process group in one differentiable call; return the global mean, biased variance
+        and count. Gradients flow back through the reduction to every process's rows."""
+        F = sums.shape[1]
+        packed = torch.cat([sums, squares, counts[:, None].to(sums.dtype)], 1)
+        packed = dist_nn.all_reduce(packed, group=self.process_group or dist.group.WORLD)
+        total, total_sq, n = packed.split([F, F, 1], 1)
+        n = n.squeeze(1)
+        denom = n.clamp(min=1)[:, None]
+        mean = total / denom
+        var = (total_sq / denom - mean.square()).clamp(min=0)
+        return mean, var, n.detach().round().long()
+
     # -- normalisation ------------------------------------------------------------------
 
     def step(self, z: Tensor, t: int) -> Tensor:
         """Normalise step ``t``'s present rows ``z`` of shape (n, F)."""
         n = z.shape[0]
-        if self.uses_batch_stats and n >= 2:
+        if self.syncing:  # statistics over the step's sequences on every process
+            mean, var, count = self._synced_moments(
+                z.sum(0, keepdim=True), z.square().sum(0, keepdim=True), z.new_tensor([n])
+            )
+            mean, var, n = mean[0], var[0], int(count[0])
+        elif self.uses_batch_stats and n >= 2:
             mean = z.mean(0)
             var = z.var(0, unbiased=False)
+        if self.uses_batch_stats and n >= 2:
             self._track(torch.tensor([t]), mean.detach()[None], var.detach()[None], [n])
         else:
             row = min(t, self.max_length - 1)
@@ -131,10 +167,16 @@ class StepBatchNorm(nn.Module):
         else:
             sizes = torch.as_tensor(list(batch_sizes), device=z.device)
             mask = (torch.arange(N, device=z.device)[None, :] < sizes[:, None]).unsqueeze(-1)
-            count = sizes.clamp(min=1).to(z.dtype)[:, None]  # (T, 1)
-            batch_mean = torch.where(mask, z, 0).sum(1) / count
-            centred = torch.where(mask, z - batch_mean[:, None], 0)
-            batch_var = centred.square().sum(1) / count
+            if self.syncing:
+                present = torch.where(mask, z, 0)
+                batch_mean, batch_var, sizes = self._synced_moments(
+                    present.sum(1), present.square().sum(1), sizes
+                )
+            else:
+                count = sizes.clamp(min=1).to(z.dtype)[:, None]  # (T, 1)
+                batch_mean = torch.where(mask, z, 0).sum(1) / count
+                centred = torch.where(mask, z - batch_mean[:, None], 0)
+                batch_var = centred.square().sum(1) / count
             # Fewer than two sequences present: no batch variance, use the population row.
             ok = (sizes >= 2)[:, None]
             mean = torch.where(ok, batch_mean, pop_mean)
@@ -153,11 +195,18 @@ class StepBatchNorm(nn.Module):
         unpadded frames of ``z`` (T, N, F); statistics live in row 0."""
         N = z.shape[1]
         sizes = torch.as_tensor(list(batch_sizes), device=z.device)
+        mask = (torch.arange(N, device=z.device)[None, :] < sizes[:, None]).unsqueeze(-1)
         n = int(sizes.sum())
-        if self.uses_batch_stats and n >= 2:
-            mask = (torch.arange(N, device=z.device)[None, :] < sizes[:, None]).unsqueeze(-1)
+        if self.syncing:
+            present = torch.where(mask, z, 0)
+            mean, var, count = self._synced_moments(
+                present.sum((0, 1))[None], present.square().sum((0, 1))[None], sizes.sum()[None]
+            )
+            mean, var, n = mean[0], var[0], int(count[0])
+        elif self.uses_batch_stats and n >= 2:
             mean = torch.where(mask, z, 0).sum((0, 1)) / n
             var = torch.where(mask, z - mean, 0).square().sum((0, 1)) / n
+        if self.uses_batch_stats and n >= 2:
             self._track(torch.tensor([0]), mean.detach()[None], var.detach()[None], [n])
         else:
             mean, var = self.running_mean[0], self.running_var[0]

@@ -51,6 +51,8 @@ class _BNRNNBase(nn.Module):
         init_noise: float = 0.0,
         weight_init: str = "uniform",
         impl: str = "auto",
+        sync_stats: bool = False,
+        process_group: Any = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -145,6 +147,8 @@ class _BNRNNBase(nn.Module):
             self.register_parameter("h0", None)
             self.register_parameter("c0", None)
         self.reset_parameters()
+        if sync_stats:
+            convert_sync_batchnorm(self, process_group)
 
     # -- nn.LSTM conventions ------------------------------------------------------------
 
@@ -257,7 +261,16 @@ class _BNRNNBase(nn.Module):
         if x.dtype != w.dtype:
             raise RuntimeError(f"input must have the type {w.dtype}, got type {x.dtype}")
         uses_batch = self.training or any(m.collecting for m in self.norm_modules())
-        if uses_batch and x.shape[1] < 2 and needs_batch_of_two(self.norm, self.input_stats):
+        T_local, N_batch = x.shape[0], x.shape[1]
+        syncing = [m for m in self.norm_modules() if m.syncing]
+        if syncing:
+            # Every process must run the same steps (each step all-reduces its statistics):
+            # pad to the longest batch of the group; the statistics count the whole group.
+            T, N_batch = _group_steps_and_batch(T_local, N_batch, syncing[0].process_group)
+            if T_local < T:
+                x = torch.cat([x, x.new_zeros(T - T_local, *x.shape[1:])])
+                batch.x, batch.batch_sizes = x, batch.batch_sizes + [0] * (T - T_local)
+        if uses_batch and N_batch < 2 and needs_batch_of_two(self.norm, self.input_stats):
             raise ValueError(
                 "Expected more than 1 sequence per batch when training with batch statistics "
                 f"(norm={self.norm!r}), got a batch of {x.shape[1]} sequence; use eval() mode "
@@ -283,8 +296,37 @@ class _BNRNNBase(nn.Module):
             layer_input = outs[0] if D == 1 else torch.cat(outs, -1)  # (T, N, D*H)
             if self.training and self.dropout > 0 and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
-        output = batch.restore_output(layer_input)
+        output = batch.restore_output(layer_input[:T_local])
         return output, [batch.unsort_state(torch.stack(f)) for f in finals]
+
+
+def _group_steps_and_batch(T: int, N: int, group: Any) -> tuple[int, int]:
+    """The longest number of steps and the total number of sequences over the group."""
+    import torch.distributed as dist
+
+    group = group or dist.group.WORLD
+    t = torch.tensor([T])
+    n = torch.tensor([N])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(n, group=group)
+    return int(t), int(n)
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
+    """Synchronise the batch statistics of every `StepBatchNorm` in ``module`` over
+    ``process_group`` (default: the world), like `torch.nn.SyncBatchNorm.convert_sync_batchnorm`.
+
+    In training (and in `update_population_stats`) each step's sums, sums of squares and
+    counts of present sequences are all-reduced, so that normalisation, gradients and
+    population statistics equal those of one process on the concatenated batch. Layers
+    with synchronised statistics use the reference path. Returns ``module``, changed in
+    place.
+    """
+    for m in module.modules():
+        if isinstance(m, StepBatchNorm):
+            m.sync = True
+            m.process_group = process_group
+    return module
 
 
 class BNLSTM(_BNRNNBase):
@@ -316,6 +358,8 @@ class BNLSTM(_BNRNNBase):
             (Cooijmans §5.1).
         weight_init: ``"uniform"`` (`nn.LSTM`'s), ``"orthogonal"`` or ``"identity"``.
         impl: ``"auto"`` or ``"reference"`` (the plain Python loop over steps).
+        sync_stats: all-reduce batch statistics over ``process_group`` (default: the
+            world) in distributed data-parallel training; see `convert_sync_batchnorm`.
 
     Shapes: weight_ih_l{k}: (4H, I or D*H); weight_hh_l{k}: (4H, H); bias_ih_l{k},
     bias_hh_l{k}: (4H,), gates in torch order (i, f, g, o). BN modules ``bn_ih_l{k}``,

@@ -1,0 +1,132 @@
+"""Synchronised statistics over 2 processes (gloo, localhost) equal one process on the
+concatenated batch: outputs, input gradients, parameter gradients, population statistics."""
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import bnrnn
+
+LENGTHS = [6, 3, 5, 2, 4]
+SPLIT = [[0, 1], [2, 3, 4]]  # rank 0 runs 6 steps, rank 1 runs 5; step 5 has 1 vs 0 present
+CONFIGS = [
+    {"norm": "cooijmans"},
+    {"norm": "cooijmans", "bidirectional": True, "num_layers": 2},
+    {"norm": "input", "input_stats": "sequence", "bidirectional": True},
+    {"norm": "preactivation"},
+]
+
+
+def _model(cfg, sync):
+    torch.manual_seed(0)
+    m = bnrnn.BNLSTM(3, 4, max_length=8, dtype=torch.float64, sync_stats=sync, **cfg)
+    with torch.no_grad():
+        for bn in m.norm_modules():
+            bn.weight.uniform_(0.5, 1.5)
+    return m
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 5, 3, dtype=torch.float64, generator=g)
+    w = torch.randn(6, 5, 1, dtype=torch.float64, generator=g)  # loss weights
+    batches = [torch.randn(6, 5, 3, dtype=torch.float64, generator=g) for _ in range(2)]
+    return x, w, batches
+
+
+def _run(model, x, w, lengths, batches):
+    """One training forward/backward and a population re-estimation; returns the results."""
+    x = x.clone().requires_grad_()
+    out, (h, c) = model(x, lengths=lengths)
+    (out * w[: out.shape[0]]).sum().add(h.sum()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    after_step = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    bnrnn.update_population_stats(
+        model, [(b, lengths) for b in batches], forward_fn=lambda m, b: m(b[0], lengths=b[1])
+    )
+    stats = {
+        k: v.clone() for k, v in model.state_dict().items() if "running" in k or "tracked" in k
+    }
+    return {
+        "out": out.detach(),
+        "h": h.detach(),
+        "xgrad": x.grad,
+        "grads": grads,
+        "after_step": after_step,
+        "stats": stats,
+    }
+
+
+def _worker(rank, init_file, out_dir, sync):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        x, w, batches = _data()
+        rows = SPLIT[rank]
+        lengths = [LENGTHS[i] for i in rows]
+        T = max(lengths)
+        results = []
+        for cfg in CONFIGS:
+            m = _model(cfg, sync)
+            r = _run(m, x[:T, rows], w[:T, rows], lengths, [b[:T, rows] for b in batches])
+            for g in r["grads"].values():
+                dist.all_reduce(g)  # the gradient of the summed loss: what DDP averages
+            results.append(r)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(sync):
+    with tempfile.TemporaryDirectory() as d:
+        mp.start_processes(
+            _worker,
+            args=(os.path.join(d, "init"), d, sync),
+            nprocs=2,
+            join=True,
+            start_method="spawn",
+        )
+        return [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def single():
+    x, w, batches = _data()
+    return [_run(_model(cfg, False), x, w, LENGTHS, batches) for cfg in CONFIGS]
+
+
+def test_synchronised_statistics_equal_single_process(single):
+    ranks = _spawn(sync=True)
+    for k, cfg in enumerate(CONFIGS):
+        want = single[k]
+        for rank, rows in enumerate(SPLIT):
+            got = ranks[rank][k]
+            T = got["out"].shape[0]
+            torch.testing.assert_close(got["out"], want["out"][:T, rows], msg=str(cfg))
+            torch.testing.assert_close(got["h"], want["h"][:, rows], msg=str(cfg))
+            torch.testing.assert_close(got["xgrad"], want["xgrad"][:T, rows], msg=str(cfg))
+            for name, g in want["grads"].items():
+                torch.testing.assert_close(got["grads"][name], g, msg=f"{cfg} {name}")
+            for name, v in want["after_step"].items():
+                torch.testing.assert_close(got["after_step"][name], v, msg=f"{cfg} {name}")
+            for name, v in want["stats"].items():
+                torch.testing.assert_close(got["stats"][name], v, msg=f"{cfg} {name}")
+
+
+def test_unsynchronised_statistics_differ(single):
+    """Documented behaviour: without sync each process normalises over its own slice."""
+    ranks = _spawn(sync=False)
+    got, want = ranks[1][0], single[0]
+    assert not torch.allclose(got["out"], want["out"][:5, SPLIT[1]])
+
+
+def test_convert_sync_batchnorm_marks_every_norm_module():
+    net = torch.nn.ModuleDict({"a": bnrnn.BNLSTM(3, 4), "b": bnrnn.BNRNN(3, 4)})
+    assert bnrnn.convert_sync_batchnorm(net) is net
+    assert all(m.sync for m in net.modules() if isinstance(m, bnrnn.StepBatchNorm))
+    # Not initialised: training works unsynchronised, as torch.nn.SyncBatchNorm does.
+    net["a"](torch.randn(4, 3, 3))
