@@ -21,7 +21,7 @@ from .packing import SortedBatch, prepare_input, reverse_padded
 from .placement import build_norms, check_placement, needs_batch_of_two
 from .reference import DirectionParams, StepFn, reference_direction
 
-IMPLS = ("auto", "reference")
+IMPLS = ("auto", "fused", "reference")
 
 
 class _BNRNNBase(nn.Module):
@@ -287,9 +287,19 @@ class _BNRNNBase(nn.Module):
                 index = layer * D + d
                 state: State = tuple(s[index] for s in init)
                 xin = layer_input if d == 0 else reverse_padded(layer_input, batch.lengths)
-                out, state = reference_direction(
-                    xin, batch.batch_sizes, state, self._direction(index), step, time_offset
-                )
+                params = self._direction(index)
+                run = reference_direction
+                if self.impl != "reference":
+                    from . import fast  # the fused path; the reference is its test oracle
+
+                    if fast.supports(xin, batch.batch_sizes, params, step):
+                        run = fast.fast_direction
+                    elif self.impl == "fused":
+                        raise ValueError(
+                            "impl='fused' does not support this configuration (synchronised "
+                            "statistics or a custom step); use impl='auto' or 'reference'"
+                        )
+                out, state = run(xin, batch.batch_sizes, state, params, step, time_offset)
                 outs.append(out if d == 0 else reverse_padded(out, batch.lengths))
                 for k, s in enumerate(state):
                     finals[k].append(s)

@@ -1,0 +1,9 @@
+"""Placeholder: compiled loops."""
+
+
+def load():
+    raise RuntimeError("not built")
+
+
+def load_or_warn():
+    return None

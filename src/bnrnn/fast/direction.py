@@ -1,0 +1,441 @@
+"""One direction of one layer on the fast path: `fast_direction`, a drop-in for
+`bnrnn.reference.reference_direction` with the same arguments and results.
+
+The whole direction is one `torch.autograd.Function` with a hand-written backward, so that
+autograd records one node instead of tens per step:
+
+- forward: ``W_ih x`` for all steps as one GEMM; then the recurrence (one GEMM with
+  ``W_hh`` and fused element-wise work per step, in `loops` or the compiled ``loops.cpp``),
+  keeping what the backward needs; then the population statistics of every step are
+  tracked at once (`StepBatchNorm._track`, as `StepBatchNorm.frames` does);
+- backward: the recurrence in reverse (one GEMM per step for the gradient of h_{t-1}, the
+  BN backward through the batch statistics of each step), then the weight gradients as
+  one large GEMM each over all steps.
+
+The statistics follow `StepBatchNorm.step` exactly: batch statistics over the sequences
+present at each step; the population row ``min(t, max_length - 1)`` in evaluation and, in
+training, at steps where fewer than two sequences are present (read after the earlier
+steps of the same call have been tracked, as the step-by-step reference does); steps
+beyond ``max_length`` are not tracked in training.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ..functional import State, lstm_step, rnn_step
+from ..norm import StepBatchNorm
+from ..reference import DirectionParams
+from . import loops
+from .loops import LSTM, RNN_RELU, RNN_TANH, Buffers, Plan
+
+BACKENDS = ("auto", "compiled", "python")
+_backend = "auto"
+
+
+def set_backend(name: str) -> None:
+    """Choose how the recurrence runs: ``"compiled"`` (the C++ loops, built at first use),
+    ``"python"`` (a Python loop over steps, any device) or ``"auto"`` (compiled on the CPU
+    for float32/float64 when the build succeeds, else Python, with a warning once)."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def _kind(step: Any) -> int | None:
+    if step is lstm_step:
+        return LSTM
+    if step is rnn_step:
+        return RNN_TANH
+    if isinstance(step, functools.partial) and step.func is rnn_step and not step.args:
+        nonlinearity = step.keywords.get("nonlinearity", "tanh")
+        if set(step.keywords) <= {"nonlinearity"} and nonlinearity in ("tanh", "relu"):
+            return RNN_TANH if nonlinearity == "tanh" else RNN_RELU
+    return None
+
+
+def supports(x: Tensor, batch_sizes: list[int], p: DirectionParams, step: Any) -> bool:
+    """Whether `fast_direction` computes this case (else use the reference)."""
+    kind = _kind(step)
+    if kind is None or not x.is_floating_point() or min(batch_sizes) < 1:
+        return False
+    bns = [bn for bn in (p.bn_ih, p.bn_hh, p.bn_pre, p.bn_c) if bn is not None]
+    if any(bn.syncing for bn in bns):  # all-reduced statistics: the reference path
+        return False
+    if p.bn_pre is not None and (p.bn_ih is not None or p.bn_hh is not None):
+        return False
+    return p.bn_c is None or kind == LSTM
+
+
+def _use_compiled(x: Tensor) -> Any:
+    """The compiled loops module, or None for the Python loops."""
+    if _backend == "python" or x.device.type != "cpu" or x.dtype not in _COMPILED_DTYPES:
+        if _backend == "compiled":
+            raise RuntimeError(
+                f"the compiled fast path runs float32/float64 on the CPU, got {x.dtype} on "
+                f"{x.device}"
+            )
+        return None
+    from . import compiled
+
+    if _backend == "compiled":
+        return compiled.load()
+    return compiled.load_or_warn()
+
+
+_COMPILED_DTYPES = (torch.float32, torch.float64)
+
+
+class _Config:
+    """What the autograd function needs besides tensors (not differentiated)."""
+
+    def __init__(self, plan: Plan, p: DirectionParams, time_offset: int, ext: Any) -> None:
+        self.plan = plan
+        self.bns = {"ih": p.bn_ih, "hh": p.bn_hh, "pre": p.bn_pre, "c": p.bn_c}
+        self.time_offset = time_offset
+        self.ext = ext
+
+
+def fast_direction(
+    x: Tensor,
+    batch_sizes: list[int],
+    state: State,
+    p: DirectionParams,
+    step: Any,
+    time_offset: int = 0,
+) -> tuple[Tensor, State]:
+    """Run one direction over a sorted, zero-padded batch; same contract as
+    `bnrnn.reference.reference_direction`. x: (T, N, I); state: (h_0, c_0) or (h_0,),
+    each (N, H). Returns the output (T, N, H), zero beyond each length, and the state of
+    each sequence at its own last step."""
+    kind = _kind(step)
+    assert kind is not None
+    G, H = p.weight_hh.shape
+    plan = Plan(
+        kind=kind,
+        sizes=[int(s) for s in batch_sizes],
+        H=H,
+        G=G,
+        has_ih=p.bn_ih is not None,
+        ih_seq=p.bn_ih is not None and p.input_stats == "sequence",
+        has_hh=p.bn_hh is not None,
+        has_pre=p.bn_pre is not None,
+        has_c=p.bn_c is not None,
+        eps=tuple(1e-5 if bn is None else bn.eps for bn in (p.bn_ih, p.bn_hh, p.bn_pre, p.bn_c)),
+    )
+    # A shift (beta) on the ih, hh or pre BN is a constant added to the pre-activation,
+    # exactly as the bias is (Cooijmans §3): fold them into one bias vector.
+    bias = p.bias
+    for bn in (p.bn_ih, p.bn_hh, p.bn_pre):
+        if bn is not None and bn.bias is not None:
+            bias = bn.bias if bias is None else bias + bn.bias
+    h0 = state[0]
+    c0 = state[1] if kind == LSTM else None
+
+    def gamma(bn: StepBatchNorm | None) -> Tensor | None:
+        return None if bn is None else bn.weight
+
+    cfg = _Config(plan, p, time_offset, _use_compiled(x))
+    inputs = (
+        x,
+        h0,
+        c0,
+        p.weight_ih,
+        p.weight_hh,
+        bias,
+        gamma(p.bn_ih),
+        gamma(p.bn_hh),
+        gamma(p.bn_pre),
+        gamma(p.bn_c),
+        None if p.bn_c is None else p.bn_c.bias,
+    )
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        out, h_n, c_n = _FastDirection.apply(cfg, *inputs)
+    else:
+        plan.save = False
+        with torch.no_grad():
+            out, h_n, c_n, _ = _forward(cfg, *inputs)
+    return out, ((h_n, c_n) if kind == LSTM else (h_n,))
+
+
+# -- forward ------------------------------------------------------------------------------
+
+
+def _stat_buffers(
+    cfg: _Config, key: str, rows: int, F: int, like: Tensor
+) -> tuple[Tensor, Tensor, list[bool]]:
+    """Mean and variance rows (rows, F), and the per-step batch-statistics flags."""
+    plan, bn = cfg.plan, cfg.bns[key]
+    M = like.new_empty(rows, F)
+    V = like.new_empty(rows, F)
+    if key == "ih" and plan.ih_seq:
+        flags = [False] * len(plan.sizes)  # computed before the loop
+    else:
+        flags = [bn.uses_batch_stats and n >= 2 for n in plan.sizes]
+    return M, V, flags
+
+
+def _fill_population(cfg: _Config, b: Buffers, key: str, t0: int, t1: int) -> None:
+    """Population rows min(t, max_length - 1) for the steps in [t0, t1) without batch
+    statistics, read from the module's buffers now."""
+    bn = cfg.bns[key]
+    steps = [t for t in range(t0, t1) if not b.B[key][t]]
+    if not steps:
+        return
+    idx = torch.tensor(steps, device=b.M[key].device)
+    rows = (idx + cfg.time_offset).clamp(max=bn.max_length - 1)
+    b.M[key][idx] = bn.running_mean[rows].to(b.M[key].dtype)
+    b.V[key][idx] = bn.running_var[rows].to(b.V[key].dtype)
+
+
+def _track(cfg: _Config, b: Buffers, key: str, t0: int, t1: int) -> None:
+    """Fold the batch statistics of steps [t0, t1) into the population rows."""
+    bn = cfg.bns[key]
+    steps = [t for t in range(t0, t1) if b.B[key][t]]
+    if not steps:
+        return
+    idx = torch.tensor(steps, device=b.M[key].device)
+    bn._track(
+        idx.cpu() + cfg.time_offset,
+        b.M[key][idx],
+        b.V[key][idx],
+        [cfg.plan.sizes[t] for t in steps],
+    )
+
+
+def _sequence_stats(cfg: _Config, b: Buffers) -> None:
+    """Laurent eq. 20-21: one mean and variance of W_ih x over all unpadded frames."""
+    plan, bn = cfg.plan, cfg.bns["ih"]
+    T, N = len(plan.sizes), b.WX.shape[1]
+    total = sum(plan.sizes)
+    if bn.uses_batch_stats and total >= 2:
+        sizes = torch.tensor(plan.sizes, device=b.WX.device)
+        mask = (torch.arange(N, device=b.WX.device)[None, :] < sizes[:, None]).unsqueeze(-1)
+        mean = torch.where(mask, b.WX, 0).sum((0, 1)) / total
+        var = torch.where(mask, b.WX - mean, 0).square().sum((0, 1)) / total
+        b.M["ih"][0], b.V["ih"][0] = mean, var
+        plan.ih_seq_batch = True
+        bn._track(torch.tensor([0]), mean[None], var[None], [total])
+    else:
+        b.M["ih"][0] = bn.running_mean[0]
+        b.V["ih"][0] = bn.running_var[0]
+    del T
+
+
+def _forward(
+    cfg: _Config,
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    bias: Tensor | None,
+    g_ih: Tensor | None,
+    g_hh: Tensor | None,
+    g_pre: Tensor | None,
+    g_c: Tensor | None,
+    b_c: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor | None, Buffers]:
+    plan = cfg.plan
+    T, N, I = x.shape
+    H, G = plan.H, plan.G
+    lstm = plan.kind == LSTM
+    save = plan.save
+    S = T if save else 1
+    # W_ih x for all steps at once; padded rows of x are zero and never read.
+    WX = torch.mm(x.reshape(T * N, I), w_ih.t()).view(T, N, G)
+    new = functools.partial(x.new_empty)
+    b = Buffers(
+        WX=WX,
+        XH=new(S if plan.has_hh else 1, N, G),
+        ACT=new(S if lstm else 1, N, G),
+        OUT=new(T, N, H),
+        h0=h0.contiguous(),
+        whT=w_hh.t().contiguous(),
+        w_hh=w_hh,
+        bias=bias,
+        g_ih=g_ih,
+        g_hh=g_hh,
+        g_pre=g_pre,
+        g_c=g_c,
+        b_c=b_c,
+    )
+    if lstm:
+        b.C = new(S, N, H)
+        b.TC = new(S, N, H)
+        b.c0 = c0.contiguous()
+        if not save:
+            b.C[0].copy_(c0)  # the running cell state, updated in place
+    keys = [k for k in ("ih", "hh", "pre", "c") if cfg.bns[k] is not None]
+    for key in keys:
+        F = H if key == "c" else G
+        rows = 1 if (key == "ih" and plan.ih_seq) else T
+        b.M[key], b.V[key], b.B[key] = _stat_buffers(cfg, key, rows, F, x)
+    if plan.ih_seq:
+        _sequence_stats(cfg, b)
+    # Steps with batch statistics come first (batch sizes decrease); the population rows
+    # of the later steps are read after tracking them, as the step-by-step reference does.
+    split = next((t for t, n in enumerate(plan.sizes) if n < 2), T)
+    frame_keys = [k for k in keys if not (k == "ih" and plan.ih_seq)]
+    for t0, t1 in ((0, split), (split, T)):
+        if t0 == t1:
+            continue
+        for key in frame_keys:
+            _fill_population(cfg, b, key, t0, t1)
+        if cfg.ext is not None:
+            cfg.ext.forward_loop(plan, b, t0, t1)
+        else:
+            loops.forward_loop(plan, b, t0, t1)
+        for key in frame_keys:
+            _track(cfg, b, key, t0, t1)
+    # Each sequence's state at its own last step.
+    last = torch.tensor([n - 1 for n in _lengths(plan.sizes, N)], device=x.device)
+    rows = torch.arange(N, device=x.device)
+    h_n = b.OUT[last, rows]
+    c_n = None
+    if lstm:
+        c_n = b.C[last, rows] if save else b.C[0].clone()
+    return b.OUT, h_n, c_n, b
+
+
+def _lengths(sizes: list[int], N: int) -> list[int]:
+    """Length of each of the N sorted sequences from the batch sizes."""
+    lengths = [0] * N
+    for n in sizes:
+        for j in range(n):
+            lengths[j] += 1
+    return lengths
+
+
+# -- the autograd function ----------------------------------------------------------------
+
+_SAVED = ("WX", "XH", "ACT", "C", "TC", "OUT")
+_STAT_KEYS = ("ih", "hh", "pre", "c")
+
+
+class _FastDirection(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, cfg: _Config, *inputs: Tensor | None) -> tuple[Tensor, ...]:
+        cfg.plan.save = True
+        out, h_n, c_n, b = _forward(cfg, *inputs)
+        ctx.cfg = cfg
+        ctx.flags = b.B
+        ctx.has = [k in b.M for k in _STAT_KEYS]
+        stats = [t for k in _STAT_KEYS if k in b.M for t in (b.M[k], b.V[k])]
+        bufs = [getattr(b, name) for name in _SAVED]
+        ctx.has_buf = [t is not None for t in bufs]
+        ctx.save_for_backward(*inputs, *[t for t in bufs if t is not None], *stats)
+        if c_n is None:  # the RNN has no cell: an empty placeholder output
+            c_n = h_n.new_empty(0)
+            ctx.mark_non_differentiable(c_n)
+        return out, h_n, c_n
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, d_out: Tensor | None, d_hn: Tensor | None, d_cn: Tensor | None):
+        cfg: _Config = ctx.cfg
+        plan = cfg.plan
+        saved = list(ctx.saved_tensors)
+        x, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_pre, g_c, b_c = saved[:11]
+        rest = saved[11:]
+        bufs: dict[str, Tensor | None] = {}
+        for name, has in zip(_SAVED, ctx.has_buf):
+            bufs[name] = rest.pop(0) if has else None
+        T, N, I = x.shape
+        H, G = plan.H, plan.G
+        lstm = plan.kind == LSTM
+        b = Buffers(
+            WX=bufs["WX"],
+            XH=bufs["XH"],
+            ACT=bufs["ACT"],
+            OUT=bufs["OUT"],
+            C=bufs["C"],
+            TC=bufs["TC"],
+            h0=h0.contiguous(),
+            c0=None if c0 is None else c0.contiguous(),
+            whT=w_hh.t(),
+            w_hh=w_hh.contiguous(),
+            bias=bias,
+            g_ih=g_ih,
+            g_hh=g_hh,
+            g_pre=g_pre,
+            g_c=g_c,
+            b_c=b_c,
+        )
+        for key, has in zip(_STAT_KEYS, ctx.has):
+            if has:
+                b.M[key], b.V[key] = rest.pop(0), rest.pop(0)
+                b.B[key] = ctx.flags[key]
+        b.dOUT = d_out.contiguous() if d_out is not None else x.new_zeros(T, N, H)
+        b.dh = d_hn.clone() if d_hn is not None else x.new_zeros(N, H)
+        if lstm:
+            b.dc = d_cn.clone() if d_cn is not None else x.new_zeros(N, H)
+        b.DWX = x.new_empty(T, N, G)
+        separate = (plan.has_ih or plan.has_hh) and not plan.has_pre
+        b.DWH = x.new_empty(T, N, G) if separate else b.DWX
+        zeros = functools.partial(x.new_zeros, dtype=x.dtype)
+        b.grads = {"sum": zeros(G)}
+        for key, gamma in (("ih", g_ih), ("hh", g_hh), ("pre", g_pre), ("c", g_c)):
+            if gamma is not None:
+                b.grads[key] = zeros(gamma.shape[0])
+        if b_c is not None:
+            b.grads["b_c"] = zeros(H)
+        if cfg.ext is not None:
+            cfg.ext.backward_loop(plan, b)
+        else:
+            loops.backward_loop(plan, b)
+
+        if plan.ih_seq:  # Laurent eq. 20-21: the statistic of all frames, backward
+            total = sum(plan.sizes)
+            xhat = b.WX
+            sizes = torch.tensor(plan.sizes, device=x.device)
+            mask = (torch.arange(N, device=x.device)[None, :] < sizes[:, None]).unsqueeze(-1)
+            rstd = torch.rsqrt(b.V["ih"][0] + plan.eps[0])
+            if plan.ih_seq_batch:
+                dy = b.DWX
+                corr = dy - b.grads["sum"] / total - xhat * (b.grads["ih"] / total)
+                b.DWX = torch.where(mask, corr * (g_ih * rstd), 0)
+            else:
+                b.DWX = b.DWX * (g_ih * rstd)
+            if not separate:
+                b.DWH = b.DWX
+
+        need = ctx.needs_input_grad[1:]
+        DWX2 = b.DWX.view(T * N, G)
+        dx = torch.mm(DWX2, w_ih).view(T, N, I) if need[0] else None
+        dw_ih = torch.mm(DWX2.t(), x.reshape(T * N, I)) if need[3] else None
+        dw_hh = None
+        if need[4]:
+            dw_hh = torch.mm(b.DWH[0].t(), b.h0)
+            if T > 1:
+                dw_hh.addmm_(b.DWH[1:].reshape((T - 1) * N, G).t(), b.OUT[:-1].reshape(-1, H))
+        grads = b.grads
+        return (
+            None,
+            dx,
+            b.dh if need[1] else None,
+            b.dc if (lstm and need[2]) else None,
+            dw_ih,
+            dw_hh,
+            grads["sum"] if (bias is not None and need[5]) else None,
+            grads.get("ih") if need[6] else None,
+            grads.get("hh") if need[7] else None,
+            grads.get("pre") if need[8] else None,
+            grads.get("c") if need[9] else None,
+            grads.get("b_c") if need[10] else None,
+        )
+
+
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
