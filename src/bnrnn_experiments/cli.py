@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bnrnn",
         description="Batch-normalised LSTM experiments (Cooijmans 2017; Laurent 2016)",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help="train, reproduce, compare, evaluate"
+    )
 
     p = sub.add_parser("train", help="train one model on one task", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip

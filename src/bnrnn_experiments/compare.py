@@ -13,9 +13,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .rundir import CONFIG, RESULTS, read_json, read_metrics
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 METRIC_LABELS = {
     "acc": "validation accuracy (%)",
@@ -114,8 +117,9 @@ def format_table(runs: Sequence[Run]) -> str:
     return "\n".join([line, rule, *body])
 
 
-def plot_runs(runs: Sequence[Run], out: str | os.PathLike[str], title: str | None = None) -> Path:
-    """Write the learning curves of ``runs`` to the PNG ``out``."""
+def make_figure(runs: Sequence[Run], title: str | None = None) -> Figure:
+    """The learning curves of ``runs``: a row of (training loss, validation score) panels
+    per score. Uses matplotlib's object API with the Agg canvas (no global backend)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -144,6 +148,12 @@ def plot_runs(runs: Sequence[Run], out: str | os.PathLike[str], title: str | Non
         if metric == "ppl":
             ax_valid.set_yscale("log")
     fig.suptitle(title or "validation curves (dotted: final test score)")
+    return fig
+
+
+def plot_runs(runs: Sequence[Run], out: str | os.PathLike[str], title: str | None = None) -> Path:
+    """Write the learning curves of ``runs`` to the PNG ``out``."""
+    fig = make_figure(runs, title)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -14,6 +14,7 @@ step counter (and the carried hidden state of `WordLM`).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -82,6 +83,39 @@ class Task:
         return self.name
 
 
+@functools.lru_cache(maxsize=3)
+def _load(name: str, data_dir: str, verify: bool) -> Any:
+    """The raw data set, cached per process (``reproduce`` and the tests load it repeatedly).
+
+    Callers must not modify what is returned."""
+    if name == "mnist":
+        return (
+            data.load_mnist(data_dir, "train", verify=verify),
+            data.load_mnist(data_dir, "test", verify=verify),
+        )
+    if name == "ptb-char":  # every token is one character
+        return {k: "".join(v) for k, v in data.load_ptb_chars(data_dir, verify=verify).items()}
+    if name == "text8":
+        return data.load_text8(data_dir, verify=verify)
+    return data.load_ptb_words(data_dir, verify=verify)
+
+
+def load_data(name: str, cfg: Config) -> Any:
+    return _load(name, str(data.resolve_data_dir(cfg.data_dir)), cfg.verify_data)
+
+
+def char_vocabulary(text: str) -> data.Vocabulary:
+    """`Vocabulary.build(text)` (ids by decreasing count, ties by character) for Latin-1
+    text, counted with numpy: the Counter over 5M characters takes most of a second."""
+    try:
+        raw = np.frombuffer(text.encode("latin-1"), dtype=np.uint8)
+    except UnicodeEncodeError:
+        return data.Vocabulary.build(text)
+    counts = np.bincount(raw, minlength=256)
+    present = [chr(b) for b in np.flatnonzero(counts)]
+    return data.Vocabulary(sorted(present, key=lambda c: (-int(counts[ord(c)]), c)))
+
+
 def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, 7919])
 
@@ -103,8 +137,7 @@ class SequentialMNIST(Task):
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
         self.name = cfg.task
-        images, labels = data.load_mnist(cfg.data_dir, "train", verify=cfg.verify_data)
-        test_images, test_labels = data.load_mnist(cfg.data_dir, "test", verify=cfg.verify_data)
+        (images, labels), (test_images, test_labels) = load_data("mnist", cfg)
         images, test_images = images.reshape(-1, 784), test_images.reshape(-1, 784)  # uint8
         if cfg.task == "pmnist":
             self.permutation = np.random.default_rng(cfg.permutation_seed).permutation(784)
@@ -200,12 +233,9 @@ class CharLM(Task):
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
         self.name = cfg.task
-        if cfg.task == "ptb-char":
-            raw = data.load_ptb_chars(cfg.data_dir, verify=cfg.verify_data)
-            texts = {k: "".join(v) for k, v in raw.items()}  # every token is one character
-        else:
-            texts = data.load_text8(cfg.data_dir, verify=cfg.verify_data)
-        self.vocab = data.Vocabulary.build(texts["train"] + texts["valid"] + texts["test"])
+        texts = load_data(cfg.task, cfg)
+        # (choice) the symbols of all three splits, so that no test character is unknown
+        self.vocab = char_vocabulary(texts["train"] + texts["valid"] + texts["test"])
         self.vocab_size = len(self.vocab)
         limits = {"train": cfg.train_subset, "valid": cfg.valid_subset, "test": cfg.test_subset}
         # uint8 keeps text8's 90M training characters at 90 MB
@@ -305,7 +335,7 @@ class WordLM(Task):
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
         self.name = cfg.task
-        words = data.load_ptb_words(cfg.data_dir, verify=cfg.verify_data)
+        words = load_data("ptb-word", cfg)
         self.vocab = data.Vocabulary.build(words["train"])
         self.vocab_size = len(self.vocab)
         limits = {"train": cfg.train_subset, "valid": cfg.valid_subset, "test": cfg.test_subset}

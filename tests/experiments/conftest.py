@@ -18,11 +18,12 @@ from harness_helpers import REAL_DATA
 
 
 @pytest.fixture
-def data_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """Point BNRNN_DATA_DIR at the real data and BNRNN_RUNS_DIR at a temporary folder."""
+def runs_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Point BNRNN_DATA_DIR at the real data and BNRNN_RUNS_DIR at a temporary folder,
+    which is returned."""
     monkeypatch.setenv("BNRNN_DATA_DIR", str(REAL_DATA))
     monkeypatch.setenv("BNRNN_RUNS_DIR", str(tmp_path / "runs"))
-    return REAL_DATA
+    return tmp_path / "runs"
 
 
 @pytest.fixture(scope="session")
