@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import FIELDS, MODELS, PRESETS, TASKS, Config, format_config, make_config
+from .figures import add_figure_parser, run_figure
 
 _FIXED = ("task", "model", "preset", "dry_run")  # positional / dedicated options
 
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, help="evaluation minibatch size")
     p.add_argument("--data-dir", help="data directory (default: the run's, else $BNRNN_DATA_DIR)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    add_figure_parser(sub)  # bnrnn figure ...: the papers' analyses (figures/cli.py)
     return parser
 
 
@@ -248,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_reproduce(args, raw)
         if args.command == "compare":
             return cmd_compare(args)
+        if args.command == "figure":
+            return run_figure(args, raw)
         return cmd_evaluate(args)
     except (ValueError, FileExistsError, FileNotFoundError, DataUnavailableError) as e:
         print(f"bnrnn {args.command}: error: {e}", file=sys.stderr)

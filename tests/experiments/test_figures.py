@@ -547,3 +547,24 @@ def test_add_figure_parser_mounts_on_a_parent_parser(tmp_path: Path) -> None:
     meta = json.loads((tmp_path / "tanh_derivative.json").read_text())
     assert meta["command"].startswith("bnrnn figure tanh-derivative --points 3")
     assert run_figure is args.run_figure
+
+
+def test_bnrnn_cli_has_the_figure_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from bnrnn_experiments.cli import main
+
+    argv = [
+        "figure",
+        "tanh-derivative",
+        "--points",
+        "3",
+        "--samples",
+        "100",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(argv) == 0
+    assert "tanh_derivative.png" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "tanh_derivative.json").read_text())
+    assert meta["command"] == "bnrnn figure " + " ".join(argv[1:])
+    # errors are reported like the other commands' (exit status 2)
+    assert main(["figure", "population-stats", str(tmp_path / "missing")]) == 2

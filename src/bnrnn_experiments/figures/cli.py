@@ -1,12 +1,6 @@
 """The ``figure`` command: `add_figure_parser` mounts it on the ``bnrnn`` parser, and
 `run_figure` runs the parsed arguments; `main_figure` parses and runs on its own
 (``python -m bnrnn_experiments.figures gradient-flow ...``).
-
-    bnrnn figure gradient-flow --out docs/figures
-    bnrnn figure tanh-derivative
-    bnrnn figure population-stats runs/ptb-char-quick-bnlstm
-    bnrnn figure length-generalization runs/ptb-char-quick-bnlstm runs/ptb-char-quick-lstm
-    bnrnn figure gamma-sensitivity --task pmnist --gammas 0.1,0.5,1.0
 """
 
 from __future__ import annotations
@@ -24,6 +18,16 @@ from . import (
     population_stats,
     tanh_derivative,
 )
+
+USAGE = """The papers' analyses as commands. Each writes NAME.png, NAME.csv (the numbers
+plotted) and NAME.json (settings, summary, caption, command) into --out (default: figures).
+
+    bnrnn figure gradient-flow --out docs/figures            # Cooijmans Fig. 1a
+    bnrnn figure tanh-derivative                             # Cooijmans Fig. 1b
+    bnrnn figure population-stats runs/ptb-char-quick-bnlstm # Cooijmans Fig. 5
+    bnrnn figure length-generalization runs/ptb-char-quick-bnlstm runs/ptb-char-quick-lstm
+    bnrnn figure gamma-sensitivity --task pmnist --gammas 0.1,0.5,1.0   # Cooijmans Fig. 6
+"""
 
 # name -> (module with add_arguments/run, one-line help)
 FIGURES: dict[str, tuple[ModuleType, str]] = {
@@ -70,7 +74,7 @@ def add_figure_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "figure",
         help="the papers' analyses (Cooijmans Fig. 1, 3b, 5, 6): PNG + CSV + JSON",
-        description=sys.modules[__name__].__doc__,
+        description=USAGE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _fill(p)
@@ -97,7 +101,7 @@ def main_figure(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (``[FIGURE, options...]``) and run it; the exit status."""
     parser = argparse.ArgumentParser(
         prog="bnrnn figure",
-        description=sys.modules[__name__].__doc__,
+        description=USAGE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _fill(parser)
