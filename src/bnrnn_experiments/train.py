@@ -106,16 +106,18 @@ def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> bool:
     its files are deleted)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(run_dir)
-    has_ckpt = (run_dir / rd.LAST).is_file()
-    if resume:
-        return has_ckpt
+    if resume and (run_dir / rd.LAST).is_file():
+        return True
     started = [n for n in (rd.CONFIG, rd.METRICS, rd.LAST, rd.BEST) if (run_dir / n).exists()]
-    if started and not force:
+    if started and not (force or resume):
         raise FileExistsError(
             f"{run_dir} already holds a run ({', '.join(started)}); pass --resume to continue "
             "it, --force to start over, or --run-dir for another directory"
         )
-    for name in (rd.METRICS, rd.LAST, rd.BEST, rd.RESULTS, rd.EVAL, rd.LOG, rd.COMMAND):
+    # a fresh start; --resume without a checkpoint (killed before the first one) keeps the
+    # command history
+    names = [rd.METRICS, rd.LAST, rd.BEST, rd.RESULTS, rd.EVAL, rd.LOG]
+    for name in names + ([] if resume else [rd.COMMAND]):
         (run_dir / name).unlink(missing_ok=True)
     return False
 
@@ -209,7 +211,7 @@ def _train(
 
     # -- the loop ------------------------------------------------------------------------
     model.train()
-    bar = _progress_bar(total, state["step"])
+    bar = None if log.quiet else _progress_bar(total, state["step"])
     log.bar = bar
     t_run = time.perf_counter()
     t_last = time.perf_counter()

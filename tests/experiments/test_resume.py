@@ -151,3 +151,17 @@ def test_sigkill_never_leaves_a_torn_checkpoint(tmp_path: Path) -> None:
         assert torch.equal(ckpt["x"], torch.full((1_000_000,), float(ckpt["i"])))
     # leftovers of interrupted writes are temporary files, never the checkpoint itself
     assert all(p.name.startswith(".tmp-") for p in tmp_path.iterdir() if p != path)
+
+
+@needs("ptb-char")
+def test_resume_without_checkpoint_starts_afresh(tmp_path: Path) -> None:
+    # killed before the first checkpoint: --resume starts over, without the stale records
+    cfg = make_config("ptb-char", "lstm", "quick", dry_run=True, data_dir=str(REAL_DATA))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / rd.METRICS).write_text('{"kind": "train", "step": 1, "loss": 99.0}\n')
+    (run / rd.COMMAND).write_text("bnrnn train ptb-char (killed)\n")
+    train(cfg, run, quiet=True, resume=True)
+    assert all(r["loss"] != 99.0 for r in rd.read_metrics(run))
+    assert [r["step"] for r in rd.read_metrics(run) if r["kind"] == "train"] == [1, 2, 3]
+    assert "(killed)" in (run / rd.COMMAND).read_text()

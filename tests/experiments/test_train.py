@@ -16,7 +16,8 @@ import bnrnn
 from bnrnn_experiments import rundir as rd
 from bnrnn_experiments.config import MODELS, PRESETS, TASKS, make_config
 from bnrnn_experiments.models import BaselineLSTM
-from bnrnn_experiments.tasks import make_task
+from bnrnn_experiments.data import Vocabulary
+from bnrnn_experiments.tasks import char_vocabulary, make_task
 from bnrnn_experiments.train import lr_at, total_steps, train
 
 
@@ -193,3 +194,9 @@ def test_existing_run_is_not_overwritten(tmp_path: Path) -> None:
     (tmp_path / rd.CONFIG).write_text("{}")
     with pytest.raises(FileExistsError, match="--resume"):
         train(make_config("ptb-char", "lstm", dry_run=True), tmp_path, quiet=True)
+
+
+def test_char_vocabulary_matches_vocabulary_build() -> None:
+    text = "the cat sat on the mat\nzebra_ 1999!"
+    assert char_vocabulary(text).itos == Vocabulary.build(text).itos
+    assert char_vocabulary("naïve €").itos == Vocabulary.build("naïve €").itos  # non-Latin-1
