@@ -15,8 +15,8 @@ from harness_helpers import REAL_DATA, needs
 import bnrnn
 from bnrnn_experiments import rundir as rd
 from bnrnn_experiments.config import MODELS, PRESETS, TASKS, make_config
-from bnrnn_experiments.models import BaselineLSTM
 from bnrnn_experiments.data import Vocabulary
+from bnrnn_experiments.models import BaselineLSTM
 from bnrnn_experiments.tasks import char_vocabulary, make_task
 from bnrnn_experiments.train import lr_at, total_steps, train
 
