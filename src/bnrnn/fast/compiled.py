@@ -1,9 +1,249 @@
-"""Placeholder: compiled loops."""
+"""Build, load and call the compiled loops (``loops.cpp``).
+
+The extension is compiled at first use with `torch.utils.cpp_extension.load` (gcc and
+ninja; the ``ninja`` package from PyPI is found even outside an activated virtualenv) into
+the per-user torch extensions directory (``$TORCH_EXTENSIONS_DIR`` or
+``~/.cache/torch_extensions``). Its name carries a hash of the source, the torch version
+and the CPU, so a build is done once per machine and reused by every later process; a
+lock in the build directory makes concurrent first uses wait for one build.
+
+`load` raises if the build fails; `load_or_warn` warns once and returns None, and the
+caller then runs the Python loops (`bnrnn.fast.loops`), which compute the same thing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .loops import Buffers, Plan
+
+SOURCE = Path(__file__).with_name("loops.cpp")
+# Order of the tensor list, shared with `enum Fwd` in loops.cpp.
+_FWD = [
+    "WX",
+    "XH",
+    "ACT",
+    "OUT",
+    "h0",
+    "whT",
+    "C",
+    "TC",
+    "c0",
+    "bias",
+    "g_ih",
+    "g_hh",
+    "g_pre",
+    "g_c",
+    "b_c",
+    "M_ih",
+    "V_ih",
+    "M_hh",
+    "V_hh",
+    "M_pre",
+    "V_pre",
+    "M_c",
+    "V_c",
+    "B_ih",
+    "B_hh",
+    "B_pre",
+    "B_c",
+]
+_BWD = [
+    "dOUT",
+    "dh",
+    "dc",
+    "DWX",
+    "DWH",
+    "w_hh",
+    "gs_sum",
+    "gs_ih",
+    "gs_hh",
+    "gs_pre",
+    "gs_c",
+    "gs_b_c",
+]
+_INLINE = [
+    "x",
+    "w_ihT",
+    "w_ih",
+    "XS",
+    "gs_w_ihT",
+    "dX",
+]  # the inline input projection (Plan.inline_ih)
+
+# -fno-math-errno, -fno-trapping-math: let gcc vectorise sqrt and the branch-free exp/tanh
+# (no -ffast-math: NaN and inf keep their IEEE meaning).
+_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17"]
+_lock = threading.Lock()
+_module: Any = None
+_error: BaseException | None = None
+_warned = False
 
 
-def load():
-    raise RuntimeError("not built")
+def _cpu_tag() -> str:
+    """What the build depends on besides the source: it is compiled for this CPU."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "model name")):
+                flags += line
+    except OSError:
+        flags = platform.processor()
+    return flags
 
 
-def load_or_warn():
-    return None
+def build_name() -> str:
+    h = hashlib.sha256()
+    h.update(SOURCE.read_bytes())
+    h.update(torch.__version__.encode())
+    h.update(_cpu_tag().encode())
+    h.update(" ".join(_CFLAGS).encode())
+    return f"bnrnn_fast_{h.hexdigest()[:16]}"
+
+
+def _ensure_ninja_on_path() -> None:
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja  # the PyPI package ships the binary
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+
+
+def load() -> Any:
+    """The compiled ops (built now if needed); raises if the build fails."""
+    global _module, _error
+    with _lock:
+        if _module is not None:
+            return _module
+        if _error is not None:
+            raise RuntimeError(f"building the compiled fast path failed: {_error}") from _error
+        try:
+            from torch.utils.cpp_extension import load as load_extension
+
+            _ensure_ninja_on_path()
+            load_extension(
+                name=build_name(),
+                sources=[str(SOURCE)],
+                extra_cflags=_CFLAGS,
+                is_python_module=False,
+                verbose=os.environ.get("BNRNN_BUILD_VERBOSE") == "1",
+            )
+            _module = _Ops()
+        except Exception as e:  # compiler missing, ninja missing, build error
+            _error = e
+            raise RuntimeError(f"building the compiled fast path failed: {e}") from e
+        return _module
+
+
+def load_or_warn() -> Any:
+    """The compiled ops, or None (with a warning once) if they cannot be built."""
+    global _warned
+    try:
+        return load()
+    except RuntimeError as e:
+        if not _warned:
+            warnings.warn(
+                f"{e}; the fast path runs its Python loops instead (slower on small layers)",
+                stacklevel=4,
+            )
+            _warned = True
+        return None
+
+
+def set_gemm(name: str) -> bool:
+    """``"packed"``: MKL's packed GEMM for the per-step products (float32, when the torch
+    build exports it), ``"mm"``: at::mm. Returns whether the choice is available."""
+    return bool(torch.ops.bnrnn_fast.set_gemm(name))
+
+
+class _Ops:
+    """Calls the compiled loops with the arguments of `bnrnn.fast.loops`."""
+
+    @staticmethod
+    def _cfg(plan: Plan, b: Buffers) -> list[int]:
+        return [
+            plan.kind,
+            int(plan.has_ih),
+            int(plan.ih_seq),
+            int(plan.has_hh),
+            int(plan.has_pre),
+            int(plan.has_c),
+            int(plan.save),
+            plan.H,
+            plan.G,
+            b.OUT.shape[1],
+            int(plan.inline_ih),
+        ]
+
+    @staticmethod
+    def _tensors(plan: Plan, b: Buffers, backward: bool) -> list[Tensor | None]:
+        ts: dict[str, Tensor | None] = {
+            name: getattr(b, name, None)
+            for name in ("WX", "XH", "ACT", "OUT", "h0", "whT", "C", "TC", "c0", "bias")
+        }
+        ts.update(g_ih=b.g_ih, g_hh=b.g_hh, g_pre=b.g_pre, g_c=b.g_c, b_c=b.b_c)
+        for key in ("ih", "hh", "pre", "c"):
+            ts[f"M_{key}"] = b.M.get(key)
+            ts[f"V_{key}"] = b.V.get(key)
+            flags = b.B.get(key)
+            ts[f"B_{key}"] = None if flags is None else torch.tensor(flags, dtype=torch.uint8)
+        if backward:
+            ts["whT"] = None  # the backward multiplies by W_hh itself
+        out = [_contiguous(ts[name]) for name in _FWD]
+        if backward:
+            g = b.grads
+            extra = {
+                "dOUT": b.dOUT,
+                "dh": b.dh,
+                "dc": b.dc,
+                "DWX": b.DWX,
+                "DWH": b.DWH,
+                "w_hh": b.w_hh,
+                "gs_sum": g.get("sum"),
+                "gs_ih": g.get("ih"),
+                "gs_hh": g.get("hh"),
+                "gs_pre": g.get("pre"),
+                "gs_c": g.get("c"),
+                "gs_b_c": g.get("b_c"),
+            }
+            out += [_contiguous(extra[name]) for name in _BWD]
+        if plan.inline_ih:
+            out += [None] * (len(_FWD) + len(_BWD) - len(out))
+            inl = {
+                "x": b.x,
+                "w_ihT": b.w_ihT,
+                "w_ih": b.w_ih,
+                "XS": b.XS,
+                "gs_w_ihT": b.grads.get("w_ihT"),
+                "dX": b.dX,
+            }
+            out += [_contiguous(inl[name]) for name in _INLINE]
+        return out
+
+    def forward_loop(self, plan: Plan, b: Buffers, t0: int, t1: int) -> None:
+        torch.ops.bnrnn_fast.forward_loop(
+            self._cfg(plan, b), list(plan.eps), plan.sizes, self._tensors(plan, b, False), t0, t1
+        )
+
+    def backward_loop(self, plan: Plan, b: Buffers) -> None:
+        torch.ops.bnrnn_fast.backward_loop(
+            self._cfg(plan, b), list(plan.eps), plan.sizes, self._tensors(plan, b, True)
+        )
+
+
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    """Inputs read by the loops may be views; buffers written by them are contiguous."""
+    return None if t is None else t.detach().contiguous()

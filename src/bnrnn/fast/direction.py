@@ -22,7 +22,6 @@ beyond ``max_length`` are not tracked in training.
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Any
 
 import torch
@@ -95,6 +94,9 @@ def _use_compiled(x: Tensor) -> Any:
 
 
 _COMPILED_DTYPES = (torch.float32, torch.float64)
+# Up to this input size the compiled loops compute W_ih x_t inside each step (sequential
+# MNIST has one input): a (T, N, G) buffer and a GEMM with K = 1 cost more than the step.
+INLINE_MAX_INPUT = 8
 
 
 class _Config:
@@ -147,6 +149,12 @@ def fast_direction(
         return None if bn is None else bn.weight
 
     cfg = _Config(plan, p, time_offset, _use_compiled(x))
+    plan.inline_ih = (
+        cfg.ext is not None
+        and x.shape[2] <= INLINE_MAX_INPUT
+        and not plan.has_pre
+        and not plan.ih_seq
+    )
     inputs = (
         x,
         h0,
@@ -253,8 +261,10 @@ def _forward(
     lstm = plan.kind == LSTM
     save = plan.save
     S = T if save else 1
-    # W_ih x for all steps at once; padded rows of x are zero and never read.
-    WX = torch.mm(x.reshape(T * N, I), w_ih.t()).view(T, N, G)
+    if plan.inline_ih:  # W_ih x_t is computed inside each step
+        WX = x.new_empty(1, N, G)
+    else:  # W_ih x for all steps at once; padded rows of x are zero and never read.
+        WX = torch.mm(x.reshape(T * N, I), w_ih.t()).view(T, N, G)
     new = functools.partial(x.new_empty)
     b = Buffers(
         WX=WX,
@@ -271,6 +281,9 @@ def _forward(
         g_c=g_c,
         b_c=b_c,
     )
+    if plan.inline_ih:
+        b.x = x.contiguous()
+        b.w_ihT = w_ih.t().contiguous()
     if lstm:
         b.C = new(S, N, H)
         b.TC = new(S, N, H)
@@ -378,11 +391,18 @@ class _FastDirection(torch.autograd.Function):
                 b.M[key], b.V[key] = rest.pop(0), rest.pop(0)
                 b.B[key] = ctx.flags[key]
         b.dOUT = d_out.contiguous() if d_out is not None else x.new_zeros(T, N, H)
-        b.dh = d_hn.clone() if d_hn is not None else x.new_zeros(N, H)
+        b.dh = _fresh(d_hn) if d_hn is not None else x.new_zeros(N, H)
         if lstm:
-            b.dc = d_cn.clone() if d_cn is not None else x.new_zeros(N, H)
-        b.DWX = x.new_empty(T, N, G)
+            b.dc = _fresh(d_cn) if d_cn is not None else x.new_zeros(N, H)
         separate = (plan.has_ih or plan.has_hh) and not plan.has_pre
+        need = ctx.needs_input_grad[1:]
+        if plan.inline_ih:
+            b.x = x.contiguous()
+            b.w_ihT = w_ih.t().contiguous()
+            b.w_ih = w_ih.contiguous()
+            b.XS = x.new_empty(1, N, G)
+            b.dX = x.new_zeros(T, N, I) if need[0] else None
+        b.DWX = x.new_empty(1 if (plan.inline_ih and separate) else T, N, G)
         b.DWH = x.new_empty(T, N, G) if separate else b.DWX
         zeros = functools.partial(x.new_zeros, dtype=x.dtype)
         b.grads = {"sum": zeros(G)}
@@ -391,6 +411,8 @@ class _FastDirection(torch.autograd.Function):
                 b.grads[key] = zeros(gamma.shape[0])
         if b_c is not None:
             b.grads["b_c"] = zeros(H)
+        if plan.inline_ih:
+            b.grads["w_ihT"] = zeros(I, G)
         if cfg.ext is not None:
             cfg.ext.backward_loop(plan, b)
         else:
@@ -411,10 +433,13 @@ class _FastDirection(torch.autograd.Function):
             if not separate:
                 b.DWH = b.DWX
 
-        need = ctx.needs_input_grad[1:]
-        DWX2 = b.DWX.view(T * N, G)
-        dx = torch.mm(DWX2, w_ih).view(T, N, I) if need[0] else None
-        dw_ih = torch.mm(DWX2.t(), x.reshape(T * N, I)) if need[3] else None
+        if plan.inline_ih:  # accumulated inside the loop
+            dx = b.dX
+            dw_ih = b.grads["w_ihT"].t() if need[3] else None
+        else:
+            DWX2 = b.DWX.view(T * N, G)
+            dx = torch.mm(DWX2, w_ih).view(T, N, I) if need[0] else None
+            dw_ih = torch.mm(DWX2.t(), x.reshape(T * N, I)) if need[3] else None
         dw_hh = None
         if need[4]:
             dw_hh = torch.mm(b.DWH[0].t(), b.h0)
@@ -437,5 +462,6 @@ class _FastDirection(torch.autograd.Function):
         )
 
 
-def _warn_once(message: str) -> None:
-    warnings.warn(message, stacklevel=3)
+def _fresh(t: Tensor) -> Tensor:
+    """A contiguous copy the loops may write into."""
+    return t.clone(memory_format=torch.contiguous_format)

@@ -48,6 +48,8 @@ class Plan:
     has_c: bool = False  # BN of c_t (Cooijmans eq. 8)
     eps: tuple[float, float, float, float] = (1e-5, 1e-5, 1e-5, 1e-5)  # ih, hh, pre, c
     save: bool = True
+    # compiled loops only: W_ih x_t computed inside the step from x (small input sizes)
+    inline_ih: bool = False
 
 
 @dataclass
@@ -83,6 +85,12 @@ class Buffers:
     DWX: Tensor | None = None  # (T, N, G) out: grad of W_ih x (zero beyond each length)
     DWH: Tensor | None = None  # (T, N, G) out: grad of W_hh h_{t-1}; may be DWX itself
     grads: dict[str, Tensor] = field(default_factory=dict)  # (F,) accumulators
+    # the inline input projection (Plan.inline_ih, compiled loops only)
+    x: Tensor | None = None  # (T, N, I)
+    w_ihT: Tensor | None = None  # (I, G)
+    w_ih: Tensor | None = None  # (G, I)
+    XS: Tensor | None = None  # (1, N, G) scratch for xhat_ih in the backward
+    dX: Tensor | None = None  # (T, N, I) grad of x, or None
 
 
 def _normalise(plan: Plan, b: Buffers, key: str, z: Tensor, t: int, eps: float) -> Tensor:

@@ -1,0 +1,667 @@
+// The recurrence of the fast path, compiled: the same two functions as loops.py
+// (forward_loop, backward_loop), with the same buffers and the same results to float
+// tolerance. Per step: one GEMM (MKL's packed GEMM when the torch build exports it, else
+// at::mm) and one fused pass over the step's gates, parallel over hidden units (every BN
+// statistic is per feature, so hidden units are independent within a step).
+//
+// Registered as torch.ops.bnrnn_fast.forward_loop / backward_loop; the tensors come as one
+// list in the order of compiled.py (_FWD, _BWD).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+enum Kind { LSTM = 0, RNN_TANH = 1, RNN_RELU = 2 };
+constexpr int64_t CHUNK = 64;  // hidden units per inner block (stack arrays)
+
+// ---------------------------------------------------------------------------------------
+// Element-wise math. float: vectorisable approximations (Cephes expf / tanhf, ~2 ulp);
+// double: the C library (double is for tests, not speed). Built with -fno-trapping-math so
+// that both sides of a select may be evaluated (vectorised).
+
+__attribute__((always_inline)) inline float exp_f(float x) {
+  // Branch-free so that gcc vectorises the loops calling it (no floor, fmin, memcpy).
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float t = x * 1.44269504088896341f;
+  const int32_t ki = static_cast<int32_t>(t + (t >= 0.0f ? 0.5f : -0.5f));
+  const float k = static_cast<float>(ki);
+  const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e = p * r * r + r + 1.0f;
+  return e * __builtin_bit_cast(float, (ki + 127) << 23);
+}
+
+__attribute__((always_inline)) inline float sigmoid_f(float x) { return 1.0f / (1.0f + exp_f(-x)); }
+
+__attribute__((always_inline)) inline float tanh_f(float x) {
+  // Both branches are computed and blended arithmetically: gcc does not vectorise a select
+  // whose one side divides. The small-|x| polynomial sees 0 for large |x| (no overflow).
+  const float ax = x < 0.0f ? -x : x;
+  const float m = ax < 0.625f ? 1.0f : 0.0f;
+  const float xs = x * m;
+  const float z = xs * xs;
+  const float small = ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) *
+                            z + 1.33314422036e-1f) * z - 3.33332819422e-1f) * z * xs + xs;
+  const float big = 1.0f - 2.0f / (exp_f(2.0f * ax) + 1.0f);
+  return m * small + (1.0f - m) * (x < 0.0f ? -big : big);
+}
+
+template <typename T> __attribute__((always_inline)) inline T sigm(T x) { return T(1) / (T(1) + std::exp(-x)); }
+template <> __attribute__((always_inline)) inline float sigm<float>(float x) { return sigmoid_f(x); }
+template <typename T> __attribute__((always_inline)) inline T th(T x) { return std::tanh(x); }
+template <> __attribute__((always_inline)) inline float th<float>(float x) { return tanh_f(x); }
+
+// Row kernels kept out of line: small loops over contiguous memory that gcc vectorises.
+template <typename T>
+__attribute__((noinline)) void sigmoid_row(T* __restrict__ o, int64_t w) {
+  for (int64_t j = 0; j < w; ++j) o[j] = sigm<T>(o[j]);
+}
+template <typename T>
+__attribute__((noinline)) void tanh_row(T* __restrict__ o, int64_t w) {
+  for (int64_t j = 0; j < w; ++j) o[j] = th<T>(o[j]);
+}
+// tc <- tanh(tc); h <- o * tc
+template <typename T>
+__attribute__((noinline)) void tanh_mul_row(T* __restrict__ tc, T* __restrict__ h,
+                                           const T* __restrict__ o, int64_t w) {
+  for (int64_t j = 0; j < w; ++j) {
+    const T v = th<T>(tc[j]);
+    tc[j] = v;
+    h[j] = o[j] * v;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// GEMM: C (m, n) = A (m, k) @ B (k, n), row-major, B fixed for the whole loop.
+
+typedef size_t (*pack_size_fn)(int, int, int, int);
+typedef void (*pack_fn)(int, int, int, int, int, int, float, const float*, int, float*);
+typedef void (*compute_fn)(int, int, int, int, int, int, const float*, int, const float*, int,
+                           float, float*, int);
+
+struct Mkl {
+  pack_size_fn size = nullptr;
+  pack_fn pack = nullptr;
+  compute_fn compute = nullptr;
+  Mkl() {
+    size = reinterpret_cast<pack_size_fn>(dlsym(RTLD_DEFAULT, "cblas_sgemm_pack_get_size"));
+    pack = reinterpret_cast<pack_fn>(dlsym(RTLD_DEFAULT, "cblas_sgemm_pack"));
+    compute = reinterpret_cast<compute_fn>(dlsym(RTLD_DEFAULT, "cblas_sgemm_compute"));
+  }
+  bool ok() const { return size && pack && compute; }
+};
+
+const Mkl& mkl() {
+  static Mkl m;
+  return m;
+}
+
+bool g_use_packed = true;  // set_gemm("packed" | "mm")
+
+struct Gemm {
+  at::Tensor B;       // (k, n) contiguous
+  at::Tensor packed;  // MKL packed copy of B, or undefined
+  int64_t k, n;
+  Gemm(const at::Tensor& B_, int64_t max_m) : B(B_.contiguous()), k(B_.size(0)), n(B_.size(1)) {
+    if (g_use_packed && B.scalar_type() == at::kFloat && mkl().ok() && max_m > 0) {
+      // CblasRowMajor = 101, CblasBMatrix = 162, CblasNoTrans = 111
+      size_t bytes = mkl().size(162, (int)max_m, (int)n, (int)k);
+      packed = at::empty({(int64_t)(bytes / sizeof(float)) + 16}, B.options());
+      mkl().pack(101, 162, 111, (int)max_m, (int)n, (int)k, 1.0f, B.data_ptr<float>(), (int)n,
+                 packed.data_ptr<float>());
+    }
+  }
+  // C rows [0, m) = A rows [0, m) @ B; A and C row-major with leading dims k and n.
+  void run(const at::Tensor& A, at::Tensor C, int64_t m) const {
+    if (m == 0) return;
+    if (packed.defined()) {
+      // CblasNoTrans = 111 for A, CblasPacked = 151 for B
+      mkl().compute(101, 111, 151, (int)m, (int)n, (int)k, A.data_ptr<float>(), (int)k,
+                    packed.data_ptr<float>(), (int)n, 0.0f, C.data_ptr<float>(), (int)n);
+    } else {
+      at::Tensor out = C.narrow(0, 0, m);
+      at::mm_out(out, A.narrow(0, 0, m), B);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// Arguments
+
+struct Norm {  // one BN's statistics at one step
+  bool on = false;     // this BN exists
+  bool batch = false;  // batch statistics at this step (computed here), else given
+  void* M = nullptr;   // (rows, F) means
+  void* V = nullptr;   // (rows, F) biased variances
+  int64_t F = 0;
+  double eps = 1e-5;
+  bool seq = false;  // one row for all steps (sequence-wise ih)
+  const uint8_t* flags = nullptr;
+  template <typename T> T* mean(int64_t t) const { return static_cast<T*>(M) + (seq ? 0 : t) * F; }
+  template <typename T> T* var(int64_t t) const { return static_cast<T*>(V) + (seq ? 0 : t) * F; }
+  bool batch_at(int64_t t) const { return on && !seq && flags[t]; }
+};
+
+// Tensor list order: see compiled.py.
+enum Fwd {
+  WX, XH, ACT, OUT, H0, WHT, C, TC, C0, BIAS, G_IH, G_HH, G_PRE, G_C, B_C,
+  M_IH, V_IH, M_HH, V_HH, M_PRE, V_PRE, M_C, V_C, B_IH, B_HH, B_PRE, B_C_FLAGS,
+  D_OUT, D_H, D_C, DWX, DWH, W_HH, GS_SUM, GS_IH, GS_HH, GS_PRE, GS_C, GS_BC,
+  X_IN, W_IHT, W_IH, XS, GS_WIHT, D_X, N_TENSORS
+};
+
+struct Ctx {
+  int64_t kind, H, G, N, T, I = 0;
+  bool has_ih, ih_seq, has_hh, has_pre, has_c, save;
+  // Small input size: W_ih x_t is computed inside the step from x_t (T, N, I) and
+  // W_ih^T (I, G) instead of read from a (T, N, G) buffer; the backward recomputes it.
+  bool inline_ih = false;
+  std::vector<int64_t> sizes;
+  std::vector<c10::optional<at::Tensor>> ts;
+  Norm ih, hh, pre, c;
+
+  Ctx(at::IntArrayRef cfg, at::ArrayRef<double> eps, at::IntArrayRef sizes_,
+      const c10::List<c10::optional<at::Tensor>>& list)
+      : sizes(sizes_.begin(), sizes_.end()) {
+    kind = cfg[0];
+    has_ih = cfg[1];
+    ih_seq = cfg[2];
+    has_hh = cfg[3];
+    has_pre = cfg[4];
+    has_c = cfg[5];
+    save = cfg[6];
+    H = cfg[7];
+    G = cfg[8];
+    N = cfg[9];
+    inline_ih = cfg.size() > 10 && cfg[10];
+    T = (int64_t)sizes.size();
+    for (size_t i = 0; i < list.size(); ++i) ts.push_back(list.get(i));
+    ts.resize(N_TENSORS);
+    if (inline_ih) I = ts[X_IN]->size(2);
+    setup(ih, has_ih, M_IH, V_IH, B_IH, G, eps[0], ih_seq);
+    setup(hh, has_hh, M_HH, V_HH, B_HH, G, eps[1], false);
+    setup(pre, has_pre, M_PRE, V_PRE, B_PRE, G, eps[2], false);
+    setup(c, has_c, M_C, V_C, B_C_FLAGS, H, eps[3], false);
+  }
+  void setup(Norm& nm, bool on, int m, int v, int f, int64_t F, double eps, bool seq) {
+    nm.on = on;
+    if (!on) return;
+    nm.M = ts[m]->data_ptr();
+    nm.V = ts[v]->data_ptr();
+    nm.F = F;
+    nm.eps = eps;
+    nm.seq = seq;
+    if (!seq) nm.flags = ts[f]->data_ptr<uint8_t>();
+  }
+  at::Tensor& at_(int i) { return *ts[i]; }
+  template <typename T> T* ptr(int i) const {
+    return ts[i].has_value() && ts[i]->defined() ? ts[i]->data_ptr<T>() : nullptr;
+  }
+};
+
+// Column statistics of z (n rows, w columns, leading dim ld): mean and biased variance.
+template <typename T>
+inline void col_stats(const T* __restrict__ z, int64_t ld, int64_t n, int64_t w,
+                      T* __restrict__ mean, T* __restrict__ var) {
+  T m[CHUNK], v[CHUNK];
+  for (int64_t j = 0; j < w; ++j) m[j] = 0, v[j] = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    const T* row = z + r * ld;
+    for (int64_t j = 0; j < w; ++j) m[j] += row[j];
+  }
+  for (int64_t j = 0; j < w; ++j) m[j] /= T(n);
+  for (int64_t r = 0; r < n; ++r) {
+    const T* row = z + r * ld;
+    for (int64_t j = 0; j < w; ++j) {
+      T d = row[j] - m[j];
+      v[j] += d * d;
+    }
+  }
+  for (int64_t j = 0; j < w; ++j) mean[j] = m[j], var[j] = v[j] / T(n);
+}
+
+// z <- (z - mean) * rstd over n rows of w columns, statistics of step t (computed if batch).
+template <typename T>
+inline void normalise(T* __restrict__ z, int64_t ld, int64_t n, int64_t w, const Norm& nm,
+                      int64_t t, int64_t col) {
+  T* mean = nm.mean<T>(t) + col;
+  T* var = nm.var<T>(t) + col;
+  if (nm.batch_at(t)) col_stats(z, ld, n, w, mean, var);
+  T mu[CHUNK], rs[CHUNK];
+  for (int64_t j = 0; j < w; ++j) mu[j] = mean[j], rs[j] = T(1) / std::sqrt(var[j] + T(nm.eps));
+  for (int64_t r = 0; r < n; ++r) {
+    T* row = z + r * ld;
+    for (int64_t j = 0; j < w; ++j) row[j] = (row[j] - mu[j]) * rs[j];
+  }
+}
+
+// out (n rows, w columns, row stride G) = x_t @ W_ih^T for the columns [col, col + w).
+template <typename T>
+void project(const Ctx& x, int64_t t, int64_t n, int64_t col, int64_t w, T* __restrict__ out) {
+  const int64_t G = x.G, I = x.I;
+  const T* X = x.ptr<T>(X_IN) + t * x.N * I;
+  const T* WT = x.ptr<T>(W_IHT) + col;
+  for (int64_t r = 0; r < n; ++r) {
+    T* o = out + r * G;
+    const T* xr = X + r * I;
+    const T x0 = xr[0];
+    for (int64_t j = 0; j < w; ++j) o[j] = x0 * WT[j];
+    for (int64_t i = 1; i < I; ++i) {
+      const T xi = xr[i];
+      const T* wr = WT + i * G;
+      for (int64_t j = 0; j < w; ++j) o[j] += xi * wr[j];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward: one step for hidden units [j0, j1).
+
+template <typename T>
+void forward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1) {
+  const int64_t H = x.H, G = x.G, N = x.N;
+  const int64_t s = x.save ? t : 0;
+  const int64_t gates = G / H;
+  T* wx = x.ptr<T>(WX) + (x.inline_ih ? 0 : t) * N * G;
+  T* wh = x.ptr<T>(XH) + (x.has_hh ? s : 0) * N * G;
+  T* act = x.ptr<T>(ACT) + (x.kind == LSTM ? s : 0) * N * G;
+  T* out = x.ptr<T>(OUT) + t * N * H;
+  const T* bias = x.ptr<T>(BIAS);
+  const T* g_ih = x.ptr<T>(G_IH);
+  const T* g_hh = x.ptr<T>(G_HH);
+  const T* g_pre = x.ptr<T>(G_PRE);
+  for (int64_t ja = j0; ja < j1; ja += CHUNK) {
+    const int64_t w = std::min(CHUNK, j1 - ja);
+    for (int64_t k = 0; k < gates; ++k) {
+      const int64_t col = k * H + ja;
+      if (x.inline_ih) project(x, t, n, col, w, wx + col);
+      if (x.has_hh) normalise(wh + col, G, n, w, x.hh, t, col);
+      if (x.has_ih) normalise(wx + col, G, n, w, x.ih, t, col);
+      // pre-activation into act
+      for (int64_t r = 0; r < n; ++r) {
+        const T* a = wx + r * G + col;
+        const T* b = wh + r * G + col;
+        T* o = act + r * G + col;
+        if (x.has_ih && x.has_hh) {
+          for (int64_t j = 0; j < w; ++j) o[j] = a[j] * g_ih[col + j] + b[j] * g_hh[col + j];
+        } else if (x.has_ih) {
+          for (int64_t j = 0; j < w; ++j) o[j] = a[j] * g_ih[col + j] + b[j];
+        } else {
+          for (int64_t j = 0; j < w; ++j) o[j] = a[j] + b[j];
+        }
+      }
+      if (x.has_pre) {  // Laurent eq. 17: xhat of the whole pre-activation, kept in WX
+        for (int64_t r = 0; r < n; ++r) {
+          T* o = act + r * G + col;
+          T* a = wx + r * G + col;
+          for (int64_t j = 0; j < w; ++j) a[j] = o[j];
+        }
+        normalise(wx + col, G, n, w, x.pre, t, col);
+        for (int64_t r = 0; r < n; ++r) {
+          T* o = act + r * G + col;
+          const T* a = wx + r * G + col;
+          for (int64_t j = 0; j < w; ++j) o[j] = a[j] * g_pre[col + j];
+        }
+      }
+      const bool is_tanh = (x.kind == LSTM && k == 2) || x.kind == RNN_TANH;
+      for (int64_t r = 0; r < n; ++r) {
+        T* o = act + r * G + col;
+        if (bias) {
+          for (int64_t j = 0; j < w; ++j) o[j] += bias[col + j];
+        }
+        if (x.kind == RNN_RELU) {
+          for (int64_t j = 0; j < w; ++j) o[j] = o[j] > T(0) ? o[j] : T(0);
+        } else if (is_tanh) {
+          tanh_row(o, w);
+        } else {
+          sigmoid_row(o, w);
+        }
+      }
+    }
+    if (x.kind != LSTM) {  // h = act
+      for (int64_t r = 0; r < n; ++r)
+        std::memcpy(out + r * H + ja, act + r * G + ja, w * sizeof(T));
+    } else {
+      T* c = x.ptr<T>(C) + s * N * H;
+      const T* c_prev = (t == 0 || !x.save) ? (x.save ? x.ptr<T>(C0) : c)
+                                            : x.ptr<T>(C) + (t - 1) * N * H;
+      T* tc = x.ptr<T>(TC) + s * N * H;
+      for (int64_t r = 0; r < n; ++r) {
+        const T* a = act + r * G + ja;
+        const T* cp = c_prev + r * H + ja;
+        T* cr = c + r * H + ja;
+        T* tr = tc + r * H + ja;
+        for (int64_t j = 0; j < w; ++j) {
+          T v = a[H + j] * cp[j] + a[j] * a[2 * H + j];
+          cr[j] = v;
+          tr[j] = v;
+        }
+      }
+      if (x.has_c) {  // Cooijmans eq. 8: BN(c_t; gamma_c, beta_c)
+        normalise(tc + ja, H, n, w, x.c, t, ja);
+        const T* g_c = x.ptr<T>(G_C) + ja;
+        const T* b_c = x.ptr<T>(B_C) + ja;
+        for (int64_t r = 0; r < n; ++r) {
+          T* tr = tc + r * H + ja;
+          for (int64_t j = 0; j < w; ++j) tr[j] = tr[j] * g_c[j] + b_c[j];
+        }
+      }
+      for (int64_t r = 0; r < n; ++r) {
+        const T* a = act + r * G + ja;
+        T* tr = tc + r * H + ja;
+        T* o = out + r * H + ja;
+        tanh_mul_row(tr, o, a + 3 * H, w);
+      }
+    }
+    for (int64_t r = n; r < N; ++r) std::memset(out + r * H + ja, 0, w * sizeof(T));
+  }
+}
+
+int64_t grain_for(int64_t n, int64_t G, int64_t H) {
+  // Split the hidden units over threads only when a step has enough work.
+  const int64_t per_unit = std::max<int64_t>(1, n * (G / H + 1));
+  return std::max<int64_t>(16, 40000 / per_unit);
+}
+
+template <typename T>
+void forward_impl(Ctx& x, int64_t t0, int64_t t1) {
+  const int64_t N = x.N, H = x.H, G = x.G;
+  Gemm gemm(x.at_(WHT), N);
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t n = x.sizes[t];
+    const int64_t s = x.save ? t : 0;
+    at::Tensor h_prev = t == 0 ? x.at_(H0) : x.at_(OUT).select(0, t - 1);
+    at::Tensor wh = x.at_(XH).select(0, x.has_hh ? s : 0);
+    gemm.run(h_prev, wh, n);
+    at::parallel_for(0, H, grain_for(n, G, H), [&](int64_t j0, int64_t j1) {
+      forward_block<T>(x, t, n, j0, j1);
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward: one step for hidden units [j0, j1).
+
+// Per column of da (n rows): sum(da) and sum(da * xhat) for each BN present.
+template <typename T>
+void bn_backward_cols(Ctx& x, int64_t t, int64_t n, int64_t col, int64_t w, T* __restrict__ da,
+                      T* __restrict__ dwh, const T* __restrict__ xih, const T* __restrict__ xhh) {
+  const int64_t G = x.G, N = x.N;
+  T s1[CHUNK] = {}, sih[CHUNK] = {}, shh[CHUNK] = {};
+  for (int64_t r = 0; r < n; ++r) {
+    const T* d = da + r * G;
+    for (int64_t j = 0; j < w; ++j) s1[j] += d[j];
+    if (xih) {
+      const T* a = xih + r * G;
+      for (int64_t j = 0; j < w; ++j) sih[j] += d[j] * a[j];
+    }
+    if (xhh) {
+      const T* b = xhh + r * G;
+      for (int64_t j = 0; j < w; ++j) shh[j] += d[j] * b[j];
+    }
+  }
+  T* gsum = x.ptr<T>(GS_SUM) + col;
+  for (int64_t j = 0; j < w; ++j) gsum[j] += s1[j];
+  // the BN on the input side (ih, or pre for Laurent eq. 17) writes in place into da = DWX
+  const Norm& nin = x.has_pre ? x.pre : x.ih;
+  T* gin = x.has_pre ? x.ptr<T>(GS_PRE) : x.ptr<T>(GS_IH);
+  const T* gam_in = x.has_pre ? x.ptr<T>(G_PRE) : x.ptr<T>(G_IH);
+  if (xih) {
+    for (int64_t j = 0; j < w; ++j) gin[col + j] += sih[j];
+  }
+  if (xhh) {
+    T* ghh = x.ptr<T>(GS_HH);
+    for (int64_t j = 0; j < w; ++j) ghh[col + j] += shh[j];
+  }
+  // dwh first (reads da), then the input side in place
+  if (dwh) {
+    if (xhh) {
+      const T* var = x.hh.var<T>(t) + col;
+      const T* gam = x.ptr<T>(G_HH) + col;
+      T sc[CHUNK], m1[CHUNK], m2[CHUNK];
+      const bool batch = x.hh.batch_at(t);
+      for (int64_t j = 0; j < w; ++j) {
+        sc[j] = gam[j] / std::sqrt(var[j] + T(x.hh.eps));
+        m1[j] = batch ? s1[j] / T(n) : T(0);
+        m2[j] = batch ? shh[j] / T(n) : T(0);
+      }
+      for (int64_t r = 0; r < n; ++r) {
+        const T* d = da + r * G;
+        const T* b = xhh + r * G;
+        T* o = dwh + r * G;
+        for (int64_t j = 0; j < w; ++j) o[j] = (d[j] - m1[j] - b[j] * m2[j]) * sc[j];
+      }
+    } else {
+      for (int64_t r = 0; r < n; ++r) std::memcpy(dwh + r * G, da + r * G, w * sizeof(T));
+    }
+    for (int64_t r = n; r < N; ++r) std::memset(dwh + r * G, 0, w * sizeof(T));
+  }
+  if (xih && !(x.has_ih && x.ih_seq)) {
+    const T* var = nin.var<T>(t) + col;
+    const T* gam = gam_in + col;
+    T sc[CHUNK], m1[CHUNK], m2[CHUNK];
+    const bool batch = nin.batch_at(t);
+    for (int64_t j = 0; j < w; ++j) {
+      sc[j] = gam[j] / std::sqrt(var[j] + T(nin.eps));
+      m1[j] = batch ? s1[j] / T(n) : T(0);
+      m2[j] = batch ? sih[j] / T(n) : T(0);
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      T* d = da + r * G;
+      const T* a = xih + r * G;
+      for (int64_t j = 0; j < w; ++j) d[j] = (d[j] - m1[j] - a[j] * m2[j]) * sc[j];
+    }
+  }
+  for (int64_t r = n; r < N; ++r) std::memset(da + r * G, 0, w * sizeof(T));
+}
+
+template <typename T>
+void backward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1, T* scratch) {
+  const int64_t H = x.H, G = x.G, N = x.N;
+  const int64_t gates = G / H;
+  const T* dout = x.ptr<T>(D_OUT) + t * N * H;
+  T* dh_buf = x.ptr<T>(D_H);
+  // da is computed here and the BN backward is done in place; with the inline projection
+  // and a separate DWH, DWX is a one-step scratch.
+  T* da = x.ptr<T>(DWX) + (x.at_(DWX).size(0) == 1 ? 0 : t) * N * G;
+  T* dwx_sep = x.ptr<T>(DWH);
+  T* dwh = (dwx_sep == x.ptr<T>(DWX)) ? nullptr : dwx_sep + t * N * G;
+  const T* xih = nullptr;
+  if (x.inline_ih && x.has_ih) {
+    xih = x.ptr<T>(XS);  // recomputed below for this block's columns
+  } else if (x.has_ih || x.has_pre) {
+    xih = x.ptr<T>(WX) + t * N * G;
+  }
+  const T* xhh = x.has_hh ? x.ptr<T>(XH) + t * N * G : nullptr;
+  for (int64_t ja = j0; ja < j1; ja += CHUNK) {
+    const int64_t w = std::min(CHUNK, j1 - ja);
+    if (x.kind == LSTM) {
+      const T* act = x.ptr<T>(ACT) + t * N * G;
+      const T* tc = x.ptr<T>(TC) + t * N * H;
+      const T* c = x.ptr<T>(C) + t * N * H;
+      const T* c_prev = t == 0 ? x.ptr<T>(C0) : x.ptr<T>(C) + (t - 1) * N * H;
+      T* dc_buf = x.ptr<T>(D_C);
+      // dcout = dL/d(BN(c)) (or dL/dc without BN(c)), kept in scratch (n, CHUNK)
+      T s1[CHUNK] = {}, s2[CHUNK] = {}, mu[CHUNK], rs[CHUNK];
+      if (x.has_c) {
+        const T* mean = x.c.mean<T>(t) + ja;
+        const T* var = x.c.var<T>(t) + ja;
+        for (int64_t j = 0; j < w; ++j)
+          mu[j] = mean[j], rs[j] = T(1) / std::sqrt(var[j] + T(x.c.eps));
+      }
+      for (int64_t r = 0; r < n; ++r) {
+        const T* a = act + r * G + ja;
+        const T* tr = tc + r * H + ja;
+        const T* dr = dout + r * H + ja;
+        const T* hr = dh_buf + r * H + ja;
+        const T* cr = c + r * H + ja;
+        T* sr = scratch + r * CHUNK;
+        for (int64_t j = 0; j < w; ++j) {
+          T dh = dr[j] + hr[j];
+          T v = dh * a[3 * H + j] * (T(1) - tr[j] * tr[j]);
+          sr[j] = v;
+          if (x.has_c) {
+            T xc = (cr[j] - mu[j]) * rs[j];
+            s1[j] += v;
+            s2[j] += v * xc;
+          }
+        }
+      }
+      T sc[CHUNK], m1[CHUNK], m2[CHUNK];
+      if (x.has_c) {
+        T* gbc = x.ptr<T>(GS_BC) + ja;
+        T* gc = x.ptr<T>(GS_C) + ja;
+        const T* gam = x.ptr<T>(G_C) + ja;
+        const bool batch = x.c.batch_at(t);
+        for (int64_t j = 0; j < w; ++j) {
+          gbc[j] += s1[j];
+          gc[j] += s2[j];
+          sc[j] = gam[j] * rs[j];
+          m1[j] = batch ? s1[j] / T(n) : T(0);
+          m2[j] = batch ? s2[j] / T(n) : T(0);
+        }
+      }
+      for (int64_t r = 0; r < n; ++r) {
+        const T* a = act + r * G + ja;
+        const T* tr = tc + r * H + ja;
+        const T* dr = dout + r * H + ja;
+        const T* hr = dh_buf + r * H + ja;
+        const T* cr = c + r * H + ja;
+        const T* cp = c_prev + r * H + ja;
+        T* dcr = dc_buf + r * H + ja;
+        const T* sr = scratch + r * CHUNK;
+        T* d = da + r * G + ja;
+        for (int64_t j = 0; j < w; ++j) {
+          T dcb = sr[j];
+          if (x.has_c) dcb = (dcb - m1[j] - (cr[j] - mu[j]) * rs[j] * m2[j]) * sc[j];
+          T dc = dcr[j] + dcb;
+          T i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
+          T dh = dr[j] + hr[j];
+          d[j] = dc * g * i * (T(1) - i);
+          d[H + j] = dc * cp[j] * f * (T(1) - f);
+          d[2 * H + j] = dc * i * (T(1) - g * g);
+          d[3 * H + j] = dh * tr[j] * o * (T(1) - o);
+          dcr[j] = dc * f;
+        }
+      }
+    } else {
+      const T* h = x.ptr<T>(OUT) + t * N * H;
+      for (int64_t r = 0; r < n; ++r) {
+        const T* hr = h + r * H + ja;
+        const T* dr = dout + r * H + ja;
+        const T* br = dh_buf + r * H + ja;
+        T* d = da + r * G + ja;
+        if (x.kind == RNN_TANH) {
+          for (int64_t j = 0; j < w; ++j) d[j] = (dr[j] + br[j]) * (T(1) - hr[j] * hr[j]);
+        } else {
+          for (int64_t j = 0; j < w; ++j) d[j] = hr[j] > T(0) ? dr[j] + br[j] : T(0);
+        }
+      }
+    }
+    for (int64_t k = 0; k < gates; ++k) {
+      const int64_t col = k * H + ja;
+      if (x.inline_ih && x.has_ih) {  // xhat_ih = (W_ih x_t - mean) * rstd, recomputed
+        T* xs = x.ptr<T>(XS) + col;
+        project(x, t, n, col, w, xs);
+        const T* mean = x.ih.mean<T>(t) + col;
+        const T* var = x.ih.var<T>(t) + col;
+        T rs[CHUNK];
+        for (int64_t j = 0; j < w; ++j) rs[j] = T(1) / std::sqrt(var[j] + T(x.ih.eps));
+        for (int64_t r = 0; r < n; ++r) {
+          T* row = xs + r * G;
+          for (int64_t j = 0; j < w; ++j) row[j] = (row[j] - mean[j]) * rs[j];
+        }
+      }
+      bn_backward_cols<T>(x, t, n, col, w, da + col, dwh ? dwh + col : nullptr,
+                          xih ? xih + col : nullptr, xhh ? xhh + col : nullptr);
+      if (x.inline_ih) {  // dW_ih^T (I, G) += x_t^T @ dwx_t, this block's columns
+        const T* X = x.ptr<T>(X_IN) + t * N * x.I;
+        T* gw = x.ptr<T>(GS_WIHT) + col;
+        for (int64_t i = 0; i < x.I; ++i) {
+          T acc[CHUNK] = {};
+          for (int64_t r = 0; r < n; ++r) {
+            const T xi = X[r * x.I + i];
+            const T* d = da + col + r * G;
+            for (int64_t j = 0; j < w; ++j) acc[j] += xi * d[j];
+          }
+          T* g = gw + i * G;
+          for (int64_t j = 0; j < w; ++j) g[j] += acc[j];
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void backward_impl(Ctx& x) {
+  const int64_t N = x.N, H = x.H, G = x.G;
+  Gemm gemm(x.at_(W_HH), N);  // dh_{t-1} = dwh_t @ W_hh
+  at::Tensor dwh_all = x.at_(DWH);
+  at::Tensor dh = x.at_(D_H);
+  for (int64_t t = x.T - 1; t >= 0; --t) {
+    const int64_t n = x.sizes[t];
+    at::parallel_for(0, H, grain_for(n, G, H), [&](int64_t j0, int64_t j1) {
+      std::vector<T> scratch(n * CHUNK);
+      backward_block<T>(x, t, n, j0, j1, scratch.data());
+    });
+    if (x.inline_ih && x.ts[D_X].has_value() && x.ts[D_X]->defined() && n > 0) {
+      at::Tensor dwx_t = x.at_(DWX).select(0, x.at_(DWX).size(0) == 1 ? 0 : t).narrow(0, 0, n);
+      at::Tensor dx_t = x.at_(D_X).select(0, t).narrow(0, 0, n);
+      at::mm_out(dx_t, dwx_t, x.at_(W_IH));
+    }
+    gemm.run(dwh_all.select(0, t), dh, n);
+  }
+}
+
+void check(const Ctx& x) {
+  TORCH_CHECK(x.ts[WX].has_value() && x.ts[WX]->device().is_cpu(), "bnrnn_fast: CPU tensors");
+  for (const auto& t : x.ts) {
+    if (t.has_value() && t->defined())
+      TORCH_CHECK(t->is_contiguous(), "bnrnn_fast: tensors must be contiguous");
+  }
+}
+
+void forward_loop(at::IntArrayRef cfg, at::ArrayRef<double> eps, at::IntArrayRef sizes,
+                  const c10::List<c10::optional<at::Tensor>>& tensors, int64_t t0, int64_t t1) {
+  Ctx x(cfg, eps, sizes, tensors);
+  check(x);
+  AT_DISPATCH_FLOATING_TYPES(x.at_(WX).scalar_type(), "bnrnn_fast_forward",
+                             [&] { forward_impl<scalar_t>(x, t0, t1); });
+}
+
+void backward_loop(at::IntArrayRef cfg, at::ArrayRef<double> eps, at::IntArrayRef sizes,
+                   const c10::List<c10::optional<at::Tensor>>& tensors) {
+  Ctx x(cfg, eps, sizes, tensors);
+  check(x);
+  AT_DISPATCH_FLOATING_TYPES(x.at_(WX).scalar_type(), "bnrnn_fast_backward",
+                             [&] { backward_impl<scalar_t>(x); });
+}
+
+bool set_gemm(std::string name) {
+  g_use_packed = name == "packed";
+  return !g_use_packed || mkl().ok();
+}
+
+}  // namespace
+
+TORCH_LIBRARY(bnrnn_fast, m) {
+  m.def("forward_loop(int[] cfg, float[] eps, int[] sizes, Tensor?[] tensors, int t0, int t1) -> ()",
+        &forward_loop);
+  m.def("backward_loop(int[] cfg, float[] eps, int[] sizes, Tensor?[] tensors) -> ()",
+        &backward_loop);
+  m.def("set_gemm(str name) -> bool", &set_gemm);
+}
