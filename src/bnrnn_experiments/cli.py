@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import FIELDS, MODELS, PRESETS, TASKS, Config, format_config, make_config
+from .config import ALL_MODELS, ALL_TASKS, FIELDS, PRESETS, Config, format_config, make_config
 from .figures import add_figure_parser, run_figure
 
 _FIXED = ("task", "model", "preset", "dry_run")  # positional / dedicated options
@@ -62,12 +62,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _add_what(parser: argparse.ArgumentParser, models_default: str | None = "lstm") -> None:
-    parser.add_argument("task", choices=TASKS, help="the task to train on")
+    parser.add_argument("task", choices=ALL_TASKS, help="the task to train on")
     if models_default is not None:
         parser.add_argument(
-            "--model", default=models_default, choices=tuple(MODELS),
+            "--model", default=models_default, choices=ALL_MODELS,
             help="lstm (torch.nn.LSTM), bnlstm (Cooijmans), bnlstm-input (Laurent eq. 18), "
-                 "bnlstm-preact (Laurent eq. 17)",
+                 "bnlstm-preact (Laurent eq. 17); cnn-qa and ptb-cloze: lstm, bnlstm, "
+                 "bn-everywhere, bn-e*, bn-e** (Cooijmans §5.4)",
         )  # fmt: skip
     parser.add_argument(
         "--preset", default="quick",
@@ -183,8 +184,8 @@ def cmd_reproduce(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in models:
-        if m not in MODELS:
-            raise ValueError(f"--models: {m!r} is not one of {', '.join(MODELS)}")
+        if m not in ALL_MODELS:
+            raise ValueError(f"--models: {m!r} is not one of {', '.join(ALL_MODELS)}")
     runs_dir = Path(args.runs_dir) if args.runs_dir else default_runs_dir()
     overrides = _overrides(args)
     run_dirs = []

@@ -21,6 +21,16 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .qa.presets import (
+    QA_BASE,
+    QA_DRY_SUBSETS,
+    QA_MODELS,
+    QA_ONLY_NORMS,
+    QA_PRESETS,
+    QA_TASKS,
+    qa_model_defaults,
+)
+
 TASKS = ("smnist", "pmnist", "ptb-char", "text8", "ptb-word")
 
 # Model name -> `bnrnn.BNLSTM(norm=...)`; "lstm" is `torch.nn.LSTM` itself (the honest baseline).
@@ -30,6 +40,10 @@ MODELS: dict[str, str | None] = {
     "bnlstm-input": "input",  # Laurent eq. 18
     "bnlstm-preact": "preactivation",  # Laurent eq. 17
 }
+
+# Question answering (qa/): the Attentive Reader, with its own models (QA_MODELS).
+ALL_TASKS = TASKS + QA_TASKS
+ALL_MODELS = tuple(dict.fromkeys([*MODELS, *QA_MODELS]))
 
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 WEIGHT_INITS = ("uniform", "orthogonal", "identity")
@@ -45,8 +59,8 @@ class Config:
     """Everything a run needs; saved as ``config.json`` in the run directory."""
 
     # what
-    task: str = _f("pmnist", f"task: one of {', '.join(TASKS)}", choices=TASKS)
-    model: str = _f("lstm", f"model: one of {', '.join(MODELS)}", choices=tuple(MODELS))
+    task: str = _f("pmnist", f"task: one of {', '.join(ALL_TASKS)}", choices=ALL_TASKS)
+    model: str = _f("lstm", f"model: one of {', '.join(ALL_MODELS)}", choices=ALL_MODELS)
     preset: str = _f("paper", "named preset the configuration started from")
     dry_run: bool = _f(False, "a few steps on small data (for tests and smoke checks)")
     seed: int = _f(1, "seed of every random number generator (data order, init, dropout)")
@@ -114,12 +128,22 @@ class Config:
     )
     threads: int = _f(0, "torch CPU threads; 0 = torch's default")
 
+    # question answering (cnn-qa, ptb-cloze; see qa/)
+    doc_sentences: int = _f(3, "ptb-cloze: sentences per document (the query is the next one)")
+    relevant_sentences: int = _f(
+        0, "cnn-qa: keep the N sentences most relevant to the query (Cooijmans App. C: 4); 0=all"
+    )
+    max_vocab: int = _f(0, "QA vocabulary size, specials and entities included; 0 = all words")
+    tie_entities: bool = _f(
+        False, "QA: score an entity with its input embedding, not a free output vector"
+    )
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @property
     def norm(self) -> str | None:
-        return MODELS[self.model]
+        return {**MODELS, **QA_ONLY_NORMS}[self.model]
 
     @property
     def is_bn(self) -> bool:
@@ -271,6 +295,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "pmnist": {"paper": _MNIST_PAPER, "quick": _MNIST_QUICK},
     "ptb-char": {"paper": _CHAR_PAPER, "quick": _CHAR_QUICK},
     "text8": {"paper": _TEXT8_PAPER, "quick": {**_CHAR_QUICK, "hidden_size": 128}},
+    **QA_PRESETS,
     "ptb-word": {
         "paper": {},  # = small
         "small": {},
@@ -280,11 +305,13 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 _BASE = {"smnist": _MNIST_PAPER, "pmnist": _MNIST_PAPER, "ptb-char": _CHAR_PAPER,
-         "text8": _TEXT8_PAPER, "ptb-word": _WORD_SMALL}  # fmt: skip
+         "text8": _TEXT8_PAPER, "ptb-word": _WORD_SMALL, **QA_BASE}  # fmt: skip
 
 
-def model_defaults(task: str, model: str) -> dict[str, Any]:
+def model_defaults(task: str, model: str, preset: str = "paper") -> dict[str, Any]:
     """Per-model defaults on top of the preset."""
+    if task in QA_TASKS:
+        return qa_model_defaults(task, model, preset)
     if task in ("smnist", "pmnist") and MODELS[model] is not None:
         # Cooijmans §5.1: the first ~100 pixels are constant over the batch, so the hidden
         # state has zero variance there; noise on the initial state avoids exploding
@@ -315,17 +342,23 @@ _DRY_SUBSETS = {
     "ptb-char": {"train_subset": 5000, "valid_subset": 1000, "test_subset": 1000},
     "text8": {"train_subset": 5000, "valid_subset": 1000, "test_subset": 1000},
     "ptb-word": {"train_subset": 2000, "valid_subset": 500, "test_subset": 500},
+    **QA_DRY_SUBSETS,
 }
 
 
 def presets_for(task: str) -> list[str]:
-    _check_choice("task", task, TASKS)
+    _check_choice("task", task, ALL_TASKS)
     return list(PRESETS[task])
 
 
 def _check_choice(name: str, value: Any, choices: Any) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def _check_model_of_task(task: str, model: str) -> None:
+    """The QA tasks have the Attentive Reader models, the others the MODELS."""
+    _check_choice(f"model of {task}", model, QA_MODELS if task in QA_TASKS else tuple(MODELS))
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -359,13 +392,13 @@ def make_config(
     **overrides: Any,
 ) -> Config:
     """Resolve a configuration: defaults < paper < preset < model < dry-run < overrides."""
-    _check_choice("task", task, TASKS)
-    _check_choice("model", model, tuple(MODELS))
+    _check_choice("task", task, ALL_TASKS)
+    _check_model_of_task(task, model)
     _check_choice(f"preset of {task}", preset, tuple(PRESETS[task]))
     values: dict[str, Any] = {}
     values.update(_BASE[task])
     values.update(PRESETS[task][preset])
-    values.update(model_defaults(task, model))
+    values.update(model_defaults(task, model, preset))
     if dry_run:
         values.update(DRY_RUN)
         values.update(_DRY_SUBSETS[task])
@@ -393,6 +426,11 @@ def validate(cfg: Config) -> Config:
     for name in non_negative:
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    _check_model_of_task(cfg.task, cfg.model)
+    for name in ("doc_sentences", "relevant_sentences", "max_vocab"):
+        if getattr(cfg, name) < (1 if name == "doc_sentences" else 0):
+            raise ValueError(f"{name} must be {'>= 1' if name == 'doc_sentences' else '>= 0'}, "
+                             f"got {getattr(cfg, name)}")  # fmt: skip
     if cfg.log_interval <= 0:
         raise ValueError(f"log_interval must be a positive integer, got {cfg.log_interval}")
     if cfg.max_steps == 0 and cfg.max_epochs == 0:

@@ -45,7 +45,8 @@ def default_runs_dir() -> Path:
 
 def run_name(cfg: Config) -> str:
     """``{task}-{preset}-{model}``, e.g. ``pmnist-quick-bnlstm``; ``-dry-run`` appended."""
-    name = f"{cfg.task}-{cfg.preset}-{cfg.model}"
+    model = cfg.model.replace("*", "star")  # bn-e** -> bn-estarstar: no glob in a path
+    name = f"{cfg.task}-{cfg.preset}-{model}"
     return name + "-dry-run" if cfg.dry_run else name
 
 

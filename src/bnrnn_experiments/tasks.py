@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import data
-from .config import Config
+from .config import QA_TASKS, Config
 from .models import build_classifier, build_language_model, count_parameters
 
 MNIST_VALID = 5000  # the last 5,000 training images are the validation set
@@ -426,6 +426,10 @@ TASK_CLASSES: dict[str, type[Task]] = {
 
 
 def make_task(cfg: Config) -> Task:
+    if cfg.task in QA_TASKS:
+        from .qa.task import QATask  # imported here: qa/task.py imports this module
+
+        return QATask(cfg)
     return TASK_CLASSES[cfg.task](cfg)
 
 

@@ -1,0 +1,191 @@
+"""The question-answering tasks in the harness: cnn-qa (Hermann et al. 2015, Cooijmans §5.4)
+and ptb-cloze (`bnrnn_experiments.qa.cloze`), scored by accuracy, with the Attentive Reader
+variants of `bnrnn_experiments.qa.model`.
+
+Training batches are a pure function of (seed, epoch, index), as for the other tasks: the
+order of an epoch comes from a generator seeded with (seed, epoch), and the placeholder
+renumbering of a batch (Cooijmans Appendix C) from one seeded with (seed, epoch, index).
+The paper samples examples with replacement; here every epoch is a permutation (choice:
+the harness's epochs and exact resume).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import Config
+from ..tasks import Task, load_data
+from .batching import QABatch, make_batch
+from .cloze import cloze_statistics, load_ptb_cloze
+from .cnn import load_cnn
+from .common import (
+    QAExample,
+    build_qa_vocabulary,
+    entity_offset,
+    max_entity_index,
+    shuffle_entities,
+)
+from .model import AttentiveReader
+
+__all__ = ["CLOZE_ENTITIES", "CLOZE_SEED", "QATask"]
+
+#: ptb-cloze is one fixed data set: its construction seed is not the run's seed.
+CLOZE_SEED = 0
+#: Placeholder pool of ptb-cloze (the most candidates of a document of 4 sentences is 96).
+CLOZE_ENTITIES = 100
+
+
+def _subset(examples: list[QAExample], n: int) -> list[QAExample]:
+    return examples[:n] if n > 0 else examples
+
+
+class QATask(Task):
+    """cnn-qa and ptb-cloze: accuracy (percent) of the answer among the candidates."""
+
+    metric = "acc"
+    higher_is_better = True
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.name = cfg.task
+        limits = {"train": cfg.train_subset, "valid": cfg.valid_subset, "test": cfg.test_subset}
+        if cfg.task == "cnn-qa":
+            splits = load_cnn(
+                cfg.data_dir, limits=limits, relevant_sentences=cfg.relevant_sentences
+            )
+            # valid/test keep the corpus's numbering: the pool must cover it
+            self.num_entities = max_entity_index(e for s in splits.values() for e in s) + 1
+        elif cfg.task == "ptb-cloze":
+            splits = load_ptb_cloze(
+                doc_sentences=cfg.doc_sentences,
+                num_entities=CLOZE_ENTITIES,
+                seed=CLOZE_SEED,
+                limits=limits,
+                words=load_data("ptb-word", cfg),
+            )
+            self.num_entities = CLOZE_ENTITIES
+        else:
+            raise ValueError(f"QATask runs cnn-qa and ptb-cloze, not {cfg.task!r}")
+        self.splits = {k: _subset(v, limits[k]) for k, v in splits.items()}
+        for k, v in self.splits.items():
+            if not v:
+                raise ValueError(f"the {k} split of {cfg.task} is empty")
+        self.vocab = build_qa_vocabulary(
+            self.splits["train"], self.num_entities, max_size=cfg.max_vocab
+        )
+        self.vocab_size = len(self.vocab)
+        self.n_train = len(self.splits["train"])
+        self.steps_per_epoch = self.n_train // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"batch_size {cfg.batch_size} is larger than the training set ({self.n_train})"
+            )
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def build_model(self) -> nn.Module:
+        cfg = self.cfg
+        return AttentiveReader(
+            self.vocab_size,
+            self.num_entities,
+            cfg.model,
+            embed_size=cfg.embed_size or cfg.hidden_size,
+            hidden_size=cfg.hidden_size,
+            max_length=cfg.bn_max_length,
+            momentum=cfg.momentum,
+            eps=cfg.eps,
+            gamma_init=cfg.gamma_init,
+            weight_init=cfg.weight_init,
+            forget_bias=cfg.forget_bias,
+            dropout=cfg.dropout,
+            tie_entities=cfg.tie_entities,
+            entity_offset=entity_offset(self.vocab),
+        )
+
+    def train_batch(self, epoch: int, index: int) -> QABatch:
+        if self._order is None or self._order[0] != epoch:
+            rng = np.random.default_rng([self.cfg.seed, epoch, 7919])
+            self._order = (epoch, rng.permutation(self.n_train))
+        B = self.cfg.batch_size
+        rng = random.Random(f"{self.cfg.seed}/{epoch}/{index}")
+        chunk = [
+            shuffle_entities(self.splits["train"][int(i)], rng, self.num_entities)
+            for i in self._order[1][index * B : (index + 1) * B]
+        ]
+        return make_batch(chunk, self.vocab, self.num_entities)
+
+    def train_loss(
+        self, model: nn.Module, batch: QABatch, carry: Any
+    ) -> tuple[Tensor, int, int, Any]:
+        logits = model(*batch.inputs())  # (N, E), -inf outside the candidates
+        loss = F.cross_entropy(logits, batch.answer)
+        correct = int((logits.argmax(-1) == batch.answer).sum())
+        return loss, correct, len(batch), None
+
+    def score(self, loss: float, correct: int = 0, count: int = 0) -> float:
+        return 100.0 * correct / max(count, 1)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str, length: int | None = None) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        examples = self.splits[split]
+        B = self.cfg.eval_batch_size
+        total, correct = 0.0, 0
+        for i in range(0, len(examples), B):
+            batch = make_batch(examples[i : i + B], self.vocab, self.num_entities)
+            logits = model(*batch.inputs())
+            total += float(F.cross_entropy(logits, batch.answer, reduction="sum"))
+            correct += int((logits.argmax(-1) == batch.answer).sum())
+        model.train(was_training)
+        n = len(examples)
+        return {"loss": total / n, "acc": 100.0 * correct / n, "count": n}
+
+    def pop_stats_batches(
+        self, n: int
+    ) -> tuple[Iterable[Any], Callable[[nn.Module, Any], Any] | None]:
+        n = self.steps_per_epoch if n <= 0 else min(n, self.steps_per_epoch)
+
+        def forward(model: nn.Module, batch: QABatch) -> None:
+            model(*batch.inputs())
+
+        return (self.train_batch(0, i) for i in range(n)), forward
+
+    def baselines(self) -> dict[str, dict[str, Any]]:
+        """Per split: statistics, chance and most-frequent-candidate accuracies (percent)."""
+        out = {}
+        for split, examples in self.splits.items():
+            s = cloze_statistics(examples)
+            s["chance"] *= 100.0
+            s["most_frequent"] *= 100.0
+            out[split] = s
+        return out
+
+    def save_artifacts(self, run_dir: Path) -> None:
+        """``baselines.json``: the trivial baselines on the run's splits, for the report."""
+        (run_dir / "baselines.json").write_text(
+            json.dumps(self.baselines(), indent=2) + "\n", encoding="utf-8"
+        )
+
+    def describe(self) -> str:
+        sizes = ", ".join(f"{k} {len(v):,}" for k, v in self.splits.items())
+        b = self.baselines()["valid"]
+        how = (
+            f"documents of {self.cfg.doc_sentences} sentences"
+            if self.name == "ptb-cloze"
+            else f"{self.cfg.relevant_sentences or 'all'} sentences per document"
+        )
+        return (
+            f"{self.name}: {sizes} questions; {how} ({b['doc_len_mean']:.0f} tokens on "
+            f"average); {self.vocab_size:,} tokens, {self.num_entities} entities; valid "
+            f"baselines: chance {b['chance']:.1f}%, most frequent candidate "
+            f"{b['most_frequent']:.1f}%"
+        )

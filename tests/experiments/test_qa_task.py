@@ -1,0 +1,167 @@
+"""The QA tasks in the harness: presets, dry runs of every model on ptb-cloze (real PTB)
+and on cnn-qa (question files written here), the CLI, resume and compare."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from harness_helpers import HAVE_PTB, REAL_DATA
+
+from bnrnn_experiments import rundir as rd
+from bnrnn_experiments.checkpoint import load_checkpoint
+from bnrnn_experiments.cli import main
+from bnrnn_experiments.compare import compare
+from bnrnn_experiments.config import make_config
+from bnrnn_experiments.qa.presets import QA_MODELS
+from bnrnn_experiments.tasks import make_task
+from bnrnn_experiments.train import train
+
+needs_ptb = pytest.mark.skipif(not HAVE_PTB, reason=f"PTB not found in {REAL_DATA}")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _question(i: int) -> str:
+    people = ["@entity1", "@entity2", "@entity3"]
+    answer = people[i % 3]
+    return (
+        f"http://example.com/{i}\n\n"
+        f"@entity0 -- {people[0]} met {people[1]} in the city . {answer} gave a speech about "
+        f"item{i} . {people[2]} left early . the crowd cheered . it rained .\n\n"
+        f"@placeholder gave a speech about item{i}\n\n"
+        f"{answer}\n\n"
+        "@entity0:CNN\n@entity1:Ann\n@entity2:Bob\n@entity3:Cy\n"
+    )
+
+
+@pytest.fixture(scope="module")
+def cnn_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cnndata")
+    for folder, n in (("training", 40), ("validation", 12), ("test", 12)):
+        d = root / "cnn" / "questions" / folder
+        d.mkdir(parents=True)
+        for i in range(n):
+            (d / f"{i:04d}.question").write_text(_question(i), encoding="utf-8")
+    return root
+
+
+# ------------------------------------------------------------------------------ presets
+
+
+def test_paper_presets() -> None:
+    for task in ("cnn-qa", "ptb-cloze"):
+        for model in ("lstm", "bnlstm", "bn-everywhere"):
+            cfg = make_config(task, model, "paper")
+            # Cooijmans Appendix C
+            assert (cfg.hidden_size, cfg.optimizer, cfg.lr, cfg.batch_size, cfg.clip) == (
+                240, "adam", 8e-5, 64, 10.0
+            )  # fmt: skip
+        for model in ("bn-e*", "bn-e**"):
+            cfg = make_config(task, model, "paper")
+            assert (cfg.lr, cfg.batch_size) == (8e-4, 40)
+    assert make_config("cnn-qa", "lstm", "paper").relevant_sentences == 4
+    # quick: one learning rate and batch size for all five models
+    quick = {(make_config("ptb-cloze", m, "quick").lr, make_config("ptb-cloze", m).batch_size)
+             for m in QA_MODELS}  # fmt: skip
+    assert len(quick) == 1
+
+
+@pytest.mark.parametrize(
+    "task, model",
+    [("smnist", "bn-e*"), ("ptb-char", "bn-everywhere"), ("ptb-cloze", "bnlstm-input")],
+)
+def test_models_belong_to_their_tasks(task: str, model: str) -> None:
+    with pytest.raises(ValueError, match=f"model of {task}"):
+        make_config(task, model, "quick")
+
+
+# ---------------------------------------------------------------------------- dry runs
+
+
+def _check_run(run_dir: Path, cfg, results: dict) -> None:
+    for name in (rd.COMMAND, rd.CONFIG, rd.METRICS, rd.LOG, rd.LAST, rd.BEST, rd.RESULTS):
+        assert (run_dir / name).is_file(), name
+    assert results["metric"] == "acc" and results["steps"] == cfg.max_steps
+    for split in ("valid", "test"):
+        assert 0.0 <= results["running"][split]["acc"] <= 100.0
+        assert math.isfinite(results["running"][split]["loss"])
+    if cfg.model == "lstm":
+        assert results["reestimated"] is None
+    else:
+        assert results["pop_batches"] == cfg.pop_batches
+        assert math.isfinite(results["reestimated"]["valid"]["loss"])
+    baselines = json.loads((run_dir / "baselines.json").read_text())
+    assert 0 < baselines["valid"]["chance"] <= 100
+
+
+@needs_ptb
+@pytest.mark.parametrize("model", QA_MODELS)
+def test_dry_run_ptb_cloze(model: str, tmp_path: Path) -> None:
+    cfg = make_config("ptb-cloze", model, "quick", dry_run=True, data_dir=str(REAL_DATA))
+    results = train(cfg, tmp_path / "run", quiet=True)
+    _check_run(tmp_path / "run", cfg, results)
+
+
+@pytest.mark.parametrize("model", ["lstm", "bn-e*"])
+def test_dry_run_cnn_qa(model: str, cnn_dir: Path, tmp_path: Path) -> None:
+    cfg = make_config("cnn-qa", model, "quick", dry_run=True, data_dir=str(cnn_dir))
+    task = make_task(cfg)
+    assert task.num_entities == 4 and len(task.splits["train"]) == 40
+    ex = task.splits["train"][0]
+    assert ex.document.count(".") == 4  # the 4 most relevant of 5 sentences
+    results = train(cfg, tmp_path / "run", quiet=True)
+    _check_run(tmp_path / "run", cfg, results)
+
+
+def test_cnn_qa_without_the_corpus_says_where_to_put_it(tmp_path: Path, capsys) -> None:
+    code = main(["train", "cnn-qa", "--model", "bnlstm", "--dry-run",
+                 "--data-dir", str(tmp_path), "--run-dir", str(tmp_path / "run")])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "cnn" / "questions" / "training") in err
+
+
+@needs_ptb
+def test_cli_run_dir_name_and_compare(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setenv("BNRNN_DATA_DIR", str(REAL_DATA))
+    runs = tmp_path / "runs"
+    for model in ("bn-e*", "bn-e**"):
+        args = ["train", "ptb-cloze", "--model", model, "--dry-run", "--quiet"]
+        assert main([*args, "--runs-dir", str(runs)]) == 0
+    dirs = sorted(p.name for p in runs.iterdir())
+    assert dirs == ["ptb-cloze-quick-bn-estar-dry-run", "ptb-cloze-quick-bn-estarstar-dry-run"]
+    png, table = compare(sorted(runs.iterdir()), tmp_path / "compare.png")
+    assert png is not None and png.is_file() and "bn-e**" in table
+
+
+@needs_ptb
+def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    """Batches, placeholder renumbering and BN statistics continue exactly on resume."""
+    cfg = make_config("ptb-cloze", "bn-e*", "quick", dry_run=True, data_dir=str(REAL_DATA),
+                      max_steps=6, eval_interval=3, save_interval=2, train_subset=20)  # fmt: skip
+    train(cfg, tmp_path / "full", quiet=True)
+    assert train(cfg, tmp_path / "resumed", quiet=True, stop_at_step=3)["step"] == 3
+    train(cfg, tmp_path / "resumed", quiet=True, resume=True)
+    a = load_checkpoint(tmp_path / "full" / rd.LAST)["model"]
+    b = load_checkpoint(tmp_path / "resumed" / rd.LAST)["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+    def metrics(run: str) -> list[dict]:
+        timing = {"ms_per_batch", "eval_seconds"}
+        rows = rd.read_metrics(tmp_path / run)
+        return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
+    assert metrics("full") == metrics("resumed")
