@@ -145,7 +145,7 @@ def forward_loop(plan: Plan, b: Buffers, t0: int, t1: int) -> None:
         elif plan.kind == RNN_TANH:
             torch.tanh(a, out=b.OUT[t, :n])
         else:
-            torch.relu(a, out=b.OUT[t, :n])
+            torch.clamp(a, min=0, out=b.OUT[t, :n])
         b.OUT[t, n:].zero_()
 
 

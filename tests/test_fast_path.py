@@ -1,0 +1,268 @@
+"""The fast path (`bnrnn.fast`) against the reference loop (`impl="reference"`): outputs,
+final states, population statistics and every gradient, for both loop backends (the
+compiled C++ loops and the Python loops), every placement, input statistics, packed and
+padded input, bidirectional multi-layer stacks, float32 and float64, BNLSTM and BNRNN,
+training and evaluation, ``time_offset``, steps beyond ``max_length`` and degenerate steps
+(one sequence present); plus gradcheck of the fast path itself.
+
+The compiled loops are built on first use; if the build fails, the compiled tests fail
+(``bnrnn.fast.set_backend("compiled")`` raises instead of falling back).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import bnrnn
+from bnrnn import fast
+
+BACKENDS = ["compiled", "python"]
+# Tolerances relative to the largest magnitude of each compared tensor: float32 BN through
+# steps with two or three sequences amplifies rounding (both paths are equally affected).
+TOL = {torch.float64: (1e-9, 1e-7), torch.float32: (1e-5, 2e-3)}
+
+PLACEMENTS = [
+    ("cooijmans", "frame"),
+    ("cooijmans", "sequence"),
+    ("input", "frame"),
+    ("input", "sequence"),
+    ("preactivation", "frame"),
+    (None, "frame"),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    previous = fast.get_backend()
+    fast.set_backend(request.param)
+    yield request.param
+    fast.set_backend(previous)
+
+
+def _randomise(model: torch.nn.Module) -> None:
+    """Non-trivial BN scales, shifts and population statistics."""
+    with torch.no_grad():
+        for bn in model.norm_modules():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+            if bn.bias is not None:
+                bn.bias.normal_()
+
+
+def _pair(cls, dtype, **kw):
+    torch.manual_seed(0)
+    ref = cls(3, 5, impl="reference", dtype=dtype, **kw)
+    _randomise(ref)
+    fused = copy.deepcopy(ref)
+    fused.impl = "fused"
+    return ref, fused
+
+
+def _run(model, x, train: bool, lengths=None, packed=False, time_offset=0, hx=None):
+    """One forward and backward; returns outputs, states, gradients and buffers."""
+    model.train(train)
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    inp = x
+    if packed:
+        inp = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        out, state = model(inp, hx, time_offset=time_offset)
+        out = out.data
+    else:
+        out, state = model(inp, hx, lengths=lengths, time_offset=time_offset)
+    states = state if isinstance(state, tuple) else (state,)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    loss = (out * weights).sum()
+    for k, s in enumerate(states):
+        loss = loss + (s * (1.3 + k)).sum()
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    grads["input"] = x.grad
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    return out.detach(), [s.detach() for s in states], grads, buffers
+
+
+def _assert_close(a, b, dtype, what):
+    atol, rtol = TOL[dtype]
+    assert a.shape == b.shape, what
+    if a.dtype == torch.long:
+        assert torch.equal(a, b), what
+        return
+    scale = float(a.abs().max()) if a.numel() else 0.0
+    err = float((a - b).abs().max()) if a.numel() else 0.0
+    assert err <= atol + rtol * scale, f"{what}: max error {err:.3g} (scale {scale:.3g})"
+
+
+def _compare(r1, r2, dtype):
+    out1, st1, g1, b1 = r1
+    out2, st2, g2, b2 = r2
+    _assert_close(out1, out2, dtype, "output")
+    for k, (s1, s2) in enumerate(zip(st1, st2)):
+        _assert_close(s1, s2, dtype, f"state {k}")
+    assert set(g1) == set(g2)
+    for name in g1:
+        _assert_close(g1[name], g2[name], dtype, f"grad {name}")
+    assert set(b1) == set(b2)
+    for name in b1:
+        _assert_close(b1[name], b2[name], dtype, f"buffer {name}")
+
+
+@pytest.mark.filterwarnings("ignore:training on step")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("norm,input_stats", PLACEMENTS)
+@pytest.mark.parametrize("cls", [bnrnn.BNLSTM, bnrnn.BNRNN])
+def test_matches_reference(backend, cls, norm, input_stats, dtype):
+    """Bidirectional, two layers, packed (unsorted) input with a length-1 sequence (the
+    last steps have one sequence: population fallback), more steps than max_length (not
+    tracked in training, last row in evaluation), time_offset; training then evaluation.
+    Layer 0 has a small input (W_ih x inside the step), layer 1 a large one (one GEMM)."""
+    ref, fused = _pair(
+        cls,
+        dtype,
+        norm=norm,
+        input_stats=input_stats,
+        num_layers=2,
+        bidirectional=True,
+        max_length=5,
+        momentum=0.3,
+    )
+    if dtype == torch.float64:
+        lengths = torch.tensor([4, 7, 1, 7, 5, 3])  # sorted sizes 6 5 5 4 3 2 2
+    else:
+        # A BN over two rows has a zero gradient in exact arithmetic, so in float32 it is
+        # amplified rounding noise (different in each path): no step with two sequences.
+        lengths = torch.tensor([7, 4, 1, 7, 5, 7])  # sorted sizes 6 5 5 5 4 3 3
+    x = torch.randn(7, 6, 3, dtype=dtype)
+    for train, offset in ((True, 0), (True, 2), (False, 2)):
+        r1 = _run(ref, x, train, lengths, packed=True, time_offset=offset)
+        r2 = _run(fused, x, train, lengths, packed=True, time_offset=offset)
+        _compare(r1, r2, dtype)
+
+
+@pytest.mark.parametrize("norm,input_stats", PLACEMENTS)
+def test_padded_full_length_and_initial_state(backend, norm, input_stats):
+    """A padded batch_first tensor without lengths, an explicit initial state (gradients
+    flow into it), one direction, float32 at a training-sized batch."""
+    torch.manual_seed(1)
+    ref = bnrnn.BNLSTM(
+        12, 16, norm=norm, input_stats=input_stats, batch_first=True, impl="reference"
+    )
+    _randomise(ref)
+    fused = copy.deepcopy(ref)
+    fused.impl = "fused"
+    x = torch.randn(8, 9, 12)
+    h0 = torch.randn(1, 8, 16, requires_grad=True)
+    c0 = torch.randn(1, 8, 16, requires_grad=True)
+    for train in (True, False):
+        r1 = _run(ref, x, train, hx=(h0, c0))
+        g1 = (h0.grad.clone(), c0.grad.clone())
+        h0.grad = c0.grad = None
+        r2 = _run(fused, x, train, hx=(h0, c0))
+        g2 = (h0.grad.clone(), c0.grad.clone())
+        h0.grad = c0.grad = None
+        _compare(r1, r2, torch.float32)
+        _assert_close(g1[0], g2[0], torch.float32, "grad h0")
+        _assert_close(g1[1], g2[1], torch.float32, "grad c0")
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_bnrnn_nonlinearity_and_lengths(backend, nonlinearity):
+    torch.manual_seed(2)
+    ref = bnrnn.BNRNN(3, 5, nonlinearity=nonlinearity, impl="reference", dtype=torch.float64)
+    _randomise(ref)
+    fused = copy.deepcopy(ref)
+    fused.impl = "fused"
+    x = torch.randn(6, 4, 3, dtype=torch.float64)
+    lengths = [6, 2, 5, 6]
+    _compare(_run(ref, x, True, lengths), _run(fused, x, True, lengths), torch.float64)
+
+
+def test_update_population_stats_and_no_grad(backend):
+    """The `collecting` flag (batch statistics in eval mode), and the no-grad forward."""
+    torch.manual_seed(3)
+    ref = bnrnn.BNLSTM(3, 5, max_length=6, impl="reference", dtype=torch.float64)
+    fused = copy.deepcopy(ref)
+    fused.impl = "fused"
+    batches = [torch.randn(6, 4, 3, dtype=torch.float64) for _ in range(3)]
+    for m in (ref, fused):
+        bnrnn.update_population_stats(m, batches)
+    for (n, a), b in zip(ref.named_buffers(), fused.buffers()):
+        _assert_close(a, b, torch.float64, n)
+    ref.eval()
+    fused.eval()
+    with torch.no_grad():
+        o1, (h1, c1) = ref(batches[0])
+        o2, (h2, c2) = fused(batches[0])
+    for a, b, what in ((o1, o2, "output"), (h1, h2, "h_n"), (c1, c2, "c_n")):
+        _assert_close(a, b, torch.float64, what)
+
+
+def test_backward_twice_with_retain_graph(backend):
+    """The saved buffers are not consumed by the backward."""
+    torch.manual_seed(4)
+    m = bnrnn.BNLSTM(3, 5, impl="fused", dtype=torch.float64)
+    x = torch.randn(5, 4, 3, dtype=torch.float64)
+    out, _ = m(x, lengths=[5, 3, 4, 1])
+    g1 = torch.autograd.grad(out.sum(), list(m.parameters()), retain_graph=True)
+    g2 = torch.autograd.grad(out.sum(), list(m.parameters()))
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("norm", ["cooijmans", "preactivation"])
+@pytest.mark.parametrize("input_size", [2, 10])  # inside-the-step W_ih x, and one GEMM
+def test_gradcheck_fast_path(backend, norm, input_size):
+    """gradcheck in float64 through the fast path itself (batch statistics not detached)."""
+    torch.manual_seed(5)
+    m = bnrnn.BNLSTM(input_size, 3, norm=norm, impl="fused", dtype=torch.float64)
+    _randomise(m)
+    m.train()
+    names = [n for n, _ in m.named_parameters()]
+    lengths = [3, 2, 3, 1]
+
+    def fn(x, h0, c0, *ps):
+        out, (h, c) = torch.func.functional_call(
+            m, dict(zip(names, ps)), (x, (h0, c0)), {"lengths": lengths}
+        )
+        return out, h, c
+
+    x = torch.randn(3, 4, input_size, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(1, 4, 3, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(1, 4, 3, dtype=torch.float64, requires_grad=True)
+    params = tuple(p.detach().clone().requires_grad_() for p in m.parameters())
+    assert torch.autograd.gradcheck(fn, (x, h0, c0) + params, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_compiled_loops_build():
+    """The compiled loops must build here (CI fails loudly rather than falling back)."""
+    from bnrnn.fast import compiled
+
+    assert compiled.load() is not None
+
+
+def test_dispatch():
+    """impl="auto" and "fused" take the fast path on the CPU; "reference" does not."""
+    assert "fused" in bnrnn.rnn.IMPLS
+    m = bnrnn.BNLSTM(3, 5)
+    calls = []
+    original = fast.fast_direction
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    fast.fast_direction = spy
+    try:
+        m(torch.randn(4, 2, 3))
+        assert calls
+        calls.clear()
+        m.impl = "reference"
+        m(torch.randn(4, 2, 3))
+        assert not calls
+    finally:
+        fast.fast_direction = original
