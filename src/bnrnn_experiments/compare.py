@@ -79,6 +79,12 @@ def _best_valid(run: Run) -> tuple[float | None, int | None]:
     return values[i], steps[i]
 
 
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
 def format_table(runs: Sequence[Run]) -> str:
     """One row per run: best validation score and the final test scores with the running
     and the re-estimated population statistics."""
@@ -107,7 +113,7 @@ def format_table(runs: Sequence[Run]) -> str:
                 "-" if best is None else f"{num(best)} ({best_step})",
                 num(_final(run, "test", "running")),
                 num(_final(run, "test", "reestimated")),
-                "-" if seconds is None else f"{seconds / 60:.1f} min",
+                _duration(seconds),
             ]
         )
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]

@@ -189,6 +189,9 @@ _MNIST_QUICK: dict[str, Any] = {
     "log_interval": 25,
     "patience": 0,
     "pop_batches": 30,
+    # One thread: nn.LSTM at this size gains nothing from a second one, and on a busy
+    # machine two OpenMP threads per process were 3x slower.
+    "threads": 1,
 }
 _CHAR_PAPER: dict[str, Any] = {
     # Cooijmans §5.2: 1000 units, Adam lr 2e-3, batch 64, clip 1, sequences of 100,

@@ -74,7 +74,7 @@ def test_compare_writes_png_and_table(runs: list[Path], tmp_path: Path) -> None:
     bn = next(r for r in rows if "pmnist-quick-bnlstm" in r)
     assert "61.000 (100)" in bn  # best validation score and its step
     assert "60.500" in bn and "62.125" in bn  # test: running and re-estimated statistics
-    assert "1.5 min" in bn
+    assert "90 s" in bn
     lstm = next(r for r in rows if "pmnist-quick-lstm" in r)
     assert "55.250 (150)" in lstm and "54.000" in lstm
     lm = next(r for r in rows if "ptb-char" in r)
