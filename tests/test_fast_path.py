@@ -36,7 +36,9 @@ PLACEMENTS = [
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request):
+def backend(request, monkeypatch):
+    """Each loop backend; the backward in chunks of 2 steps (several chunks per call)."""
+    monkeypatch.setattr(fast.direction, "MIN_CHUNK", 1)
     previous = fast.get_backend()
     fast.set_backend(request.param)
     yield request.param

@@ -29,57 +29,19 @@ from .loops import Buffers, Plan
 
 SOURCE = Path(__file__).with_name("loops.cpp")
 # Order of the tensor list, shared with `enum Fwd` in loops.cpp.
-_FWD = [
-    "WX",
-    "XH",
-    "ACT",
-    "OUT",
-    "h0",
-    "whT",
-    "C",
-    "TC",
-    "c0",
-    "bias",
-    "g_ih",
-    "g_hh",
-    "g_pre",
-    "g_c",
-    "b_c",
-    "M_ih",
-    "V_ih",
-    "M_hh",
-    "V_hh",
-    "M_pre",
-    "V_pre",
-    "M_c",
-    "V_c",
-    "B_ih",
-    "B_hh",
-    "B_pre",
-    "B_c",
-]
-_BWD = [
-    "dOUT",
-    "dh",
-    "dc",
-    "DWX",
-    "DWH",
-    "w_hh",
-    "gs_sum",
-    "gs_ih",
-    "gs_hh",
-    "gs_pre",
-    "gs_c",
-    "gs_b_c",
-]
-_INLINE = [
-    "x",
-    "w_ihT",
-    "w_ih",
-    "XS",
-    "gs_w_ihT",
-    "dX",
-]  # the inline input projection (Plan.inline_ih)
+# fmt: off
+_ORDER = (
+    "WX", "XH", "ACT", "OUT", "h0", "whT", "C", "TC", "c0", "bias",
+    "g_ih", "g_hh", "g_pre", "g_c", "b_c",
+    "M_ih", "V_ih", "M_hh", "V_hh", "M_pre", "V_pre", "M_c", "V_c",
+    "B_ih", "B_hh", "B_pre", "B_c",
+    # backward
+    "dOUT", "dh", "dc", "DWX", "DWH", "w_hh",
+    "gs_sum", "gs_ih", "gs_hh", "gs_pre", "gs_c", "gs_b_c",
+    # the inline input projection (Plan.inline_ih), then the packed recurrent weight
+    "x", "w_ihT", "w_ih", "XS", "gs_w_ihT", "dX", "packed",
+)
+# fmt: on
 
 # -fno-math-errno, -fno-trapping-math: let gcc vectorise sqrt and the branch-free exp/tanh
 # (no -ffast-math: NaN and inf keep their IEEE meaning).
@@ -192,56 +154,37 @@ class _Ops:
     def _tensors(plan: Plan, b: Buffers, backward: bool) -> list[Tensor | None]:
         ts: dict[str, Tensor | None] = {
             name: getattr(b, name, None)
-            for name in ("WX", "XH", "ACT", "OUT", "h0", "whT", "C", "TC", "c0", "bias")
+            for name in ("WX", "XH", "ACT", "OUT", "h0", "C", "TC", "c0", "bias")
         }
         ts.update(g_ih=b.g_ih, g_hh=b.g_hh, g_pre=b.g_pre, g_c=b.g_c, b_c=b.b_c)
+        ts.update(x=b.x, w_ihT=b.w_ihT, w_ih=b.w_ih, XS=b.XS, dX=b.dX, packed=b.packed)
         for key in ("ih", "hh", "pre", "c"):
             ts[f"M_{key}"] = b.M.get(key)
             ts[f"V_{key}"] = b.V.get(key)
             flags = b.B.get(key)
             ts[f"B_{key}"] = None if flags is None else torch.tensor(flags, dtype=torch.uint8)
-        if backward:
-            ts["whT"] = None  # the backward multiplies by W_hh itself
-        out = [_contiguous(ts[name]) for name in _FWD]
-        if backward:
-            g = b.grads
-            extra = {
-                "dOUT": b.dOUT,
-                "dh": b.dh,
-                "dc": b.dc,
-                "DWX": b.DWX,
-                "DWH": b.DWH,
-                "w_hh": b.w_hh,
-                "gs_sum": g.get("sum"),
-                "gs_ih": g.get("ih"),
-                "gs_hh": g.get("hh"),
-                "gs_pre": g.get("pre"),
-                "gs_c": g.get("c"),
-                "gs_b_c": g.get("b_c"),
-            }
-            out += [_contiguous(extra[name]) for name in _BWD]
-        if plan.inline_ih:
-            out += [None] * (len(_FWD) + len(_BWD) - len(out))
-            inl = {
-                "x": b.x,
-                "w_ihT": b.w_ihT,
-                "w_ih": b.w_ih,
-                "XS": b.XS,
-                "gs_w_ihT": b.grads.get("w_ihT"),
-                "dX": b.dX,
-            }
-            out += [_contiguous(inl[name]) for name in _INLINE]
-        return out
+        if backward:  # the backward multiplies by W_hh itself
+            ts.update(dOUT=b.dOUT, dh=b.dh, dc=b.dc, DWX=b.DWX, DWH=b.DWH, w_hh=b.w_hh)
+            for key in ("sum", "ih", "hh", "pre", "c", "b_c", "w_ihT"):
+                ts[f"gs_{key}"] = b.grads.get(key)
+        else:
+            ts["whT"] = b.whT
+        return [_contiguous(ts.get(name)) for name in _ORDER]
 
     def forward_loop(self, plan: Plan, b: Buffers, t0: int, t1: int) -> None:
         torch.ops.bnrnn_fast.forward_loop(
             self._cfg(plan, b), list(plan.eps), plan.sizes, self._tensors(plan, b, False), t0, t1
         )
 
-    def backward_loop(self, plan: Plan, b: Buffers) -> None:
+    def backward_loop(self, plan: Plan, b: Buffers, t0: int, t1: int) -> None:
         torch.ops.bnrnn_fast.backward_loop(
-            self._cfg(plan, b), list(plan.eps), plan.sizes, self._tensors(plan, b, True)
+            self._cfg(plan, b), list(plan.eps), plan.sizes, self._tensors(plan, b, True), t0, t1
         )
+
+    @staticmethod
+    def pack(B: Tensor, max_m: int) -> Tensor:
+        """B (k, n) in MKL's packed layout for the per-step GEMM (empty: use at::mm)."""
+        return torch.ops.bnrnn_fast.pack_b(B, max_m)
 
 
 def _contiguous(t: Tensor | None) -> Tensor | None:

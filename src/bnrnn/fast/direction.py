@@ -97,6 +97,9 @@ _COMPILED_DTYPES = (torch.float32, torch.float64)
 # Up to this input size the compiled loops compute W_ih x_t inside each step (sequential
 # MNIST has one input): a (T, N, G) buffer and a GEMM with K = 1 cost more than the step.
 INLINE_MAX_INPUT = 8
+# The backward holds the gradients of W_ih x and W_hh h for chunks of
+# max(MIN_CHUNK, ceil(T / 4)) steps at a time (see _FastDirection.backward).
+MIN_CHUNK = 16
 
 
 class _Config:
@@ -284,6 +287,8 @@ def _forward(
     if plan.inline_ih:
         b.x = x.contiguous()
         b.w_ihT = w_ih.t().contiguous()
+    if cfg.ext is not None:  # W_hh^T packed once for every step (and both segments)
+        b.packed = cfg.ext.pack(b.whT, N)
     if lstm:
         b.C = new(S, N, H)
         b.TC = new(S, N, H)
@@ -402,8 +407,12 @@ class _FastDirection(torch.autograd.Function):
             b.w_ih = w_ih.contiguous()
             b.XS = x.new_empty(1, N, G)
             b.dX = x.new_zeros(T, N, I) if need[0] else None
-        b.DWX = x.new_empty(1 if (plan.inline_ih and separate) else T, N, G)
-        b.DWH = x.new_empty(T, N, G) if separate else b.DWX
+        # The backward runs in chunks of K steps: the gradients of W_ih x and W_hh h of a
+        # chunk go into the weight gradients as one GEMM each, so only K steps of them are
+        # held. Sequence-wise statistics need all steps first (one chunk).
+        K = T if plan.ih_seq else min(T, max(MIN_CHUNK, -(-T // 4)))
+        b.DWX = x.new_empty(1 if (plan.inline_ih and separate) else K, N, G)
+        b.DWH = x.new_empty(K, N, G) if separate else b.DWX
         zeros = functools.partial(x.new_zeros, dtype=x.dtype)
         b.grads = {"sum": zeros(G)}
         for key, gamma in (("ih", g_ih), ("hh", g_hh), ("pre", g_pre), ("c", g_c)):
@@ -414,37 +423,36 @@ class _FastDirection(torch.autograd.Function):
         if plan.inline_ih:
             b.grads["w_ihT"] = zeros(I, G)
         if cfg.ext is not None:
-            cfg.ext.backward_loop(plan, b)
-        else:
-            loops.backward_loop(plan, b)
-
-        if plan.ih_seq:  # Laurent eq. 20-21: the statistic of all frames, backward
-            total = sum(plan.sizes)
-            xhat = b.WX
-            sizes = torch.tensor(plan.sizes, device=x.device)
-            mask = (torch.arange(N, device=x.device)[None, :] < sizes[:, None]).unsqueeze(-1)
-            rstd = torch.rsqrt(b.V["ih"][0] + plan.eps[0])
-            if plan.ih_seq_batch:
-                dy = b.DWX
-                corr = dy - b.grads["sum"] / total - xhat * (b.grads["ih"] / total)
-                b.DWX = torch.where(mask, corr * (g_ih * rstd), 0)
+            b.packed = cfg.ext.pack(b.w_hh, N)
+        dx = x.new_empty(T, N, I) if (need[0] and not plan.inline_ih) else None
+        dw_ih = zeros(G, I) if (need[3] and not plan.inline_ih) else None
+        dw_hh = zeros(G, H) if need[4] else None
+        for t1 in range(T, 0, -K):
+            t0 = max(0, t1 - K)
+            k = t1 - t0
+            if cfg.ext is not None:
+                cfg.ext.backward_loop(plan, b, t0, t1)
             else:
-                b.DWX = b.DWX * (g_ih * rstd)
-            if not separate:
-                b.DWH = b.DWX
-
-        if plan.inline_ih:  # accumulated inside the loop
+                loops.backward_loop(plan, b, t0, t1)
+            if plan.ih_seq:  # Laurent eq. 20-21: the statistic of all frames, backward
+                _sequence_backward(plan, b, g_ih)
+            if not plan.inline_ih:  # (inline: accumulated inside the loop)
+                dwx = b.DWX[:k].view(k * N, G)
+                if dx is not None:
+                    torch.mm(dwx, w_ih, out=dx[t0:t1].view(k * N, I))
+                if dw_ih is not None:
+                    dw_ih.addmm_(dwx.t(), x[t0:t1].reshape(k * N, I))
+            if dw_hh is not None:  # h_{t-1} is h0 at t = 0, else the previous output
+                dwh = b.DWH[:k]
+                if t0 == 0:
+                    dw_hh.addmm_(dwh[0].t(), b.h0)
+                    dwh, t0 = dwh[1:], 1
+                if t1 > t0:
+                    rows = (t1 - t0) * N
+                    dw_hh.addmm_(dwh.reshape(rows, G).t(), b.OUT[t0 - 1 : t1 - 1].reshape(rows, H))
+        if plan.inline_ih:
             dx = b.dX
             dw_ih = b.grads["w_ihT"].t() if need[3] else None
-        else:
-            DWX2 = b.DWX.view(T * N, G)
-            dx = torch.mm(DWX2, w_ih).view(T, N, I) if need[0] else None
-            dw_ih = torch.mm(DWX2.t(), x.reshape(T * N, I)) if need[3] else None
-        dw_hh = None
-        if need[4]:
-            dw_hh = torch.mm(b.DWH[0].t(), b.h0)
-            if T > 1:
-                dw_hh.addmm_(b.DWH[1:].reshape((T - 1) * N, G).t(), b.OUT[:-1].reshape(-1, H))
         grads = b.grads
         return (
             None,
@@ -460,6 +468,23 @@ class _FastDirection(torch.autograd.Function):
             grads.get("c") if need[9] else None,
             grads.get("b_c") if need[10] else None,
         )
+
+
+def _sequence_backward(plan: Plan, b: Buffers, g_ih: Tensor) -> None:
+    """Laurent eq. 20-21 backward: DWX holds dL/dy of y = g * xhat for all steps; make it
+    dL/d(W_ih x) through the one mean and variance over all unpadded frames."""
+    T, N = len(plan.sizes), b.DWX.shape[1]
+    total = sum(plan.sizes)
+    device = b.DWX.device
+    sizes = torch.tensor(plan.sizes, device=device)
+    mask = (torch.arange(N, device=device)[None, :] < sizes[:, None]).unsqueeze(-1)
+    rstd = torch.rsqrt(b.V["ih"][0] + plan.eps[0])
+    dy = b.DWX[:T]
+    if plan.ih_seq_batch:
+        corr = dy - b.grads["sum"] / total - b.WX * (b.grads["ih"] / total)
+        dy.copy_(torch.where(mask, corr * (g_ih * rstd), 0))
+    else:
+        dy.mul_(g_ih * rstd)
 
 
 def _fresh(t: Tensor) -> Tensor:

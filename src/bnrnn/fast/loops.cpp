@@ -116,19 +116,30 @@ struct Gemm {
   at::Tensor B;       // (k, n) contiguous
   at::Tensor packed;  // MKL packed copy of B, or undefined
   int64_t k, n;
-  Gemm(const at::Tensor& B_, int64_t max_m) : B(B_.contiguous()), k(B_.size(0)), n(B_.size(1)) {
-    if (g_use_packed && B.scalar_type() == at::kFloat && mkl().ok() && max_m > 0) {
-      // CblasRowMajor = 101, CblasBMatrix = 162, CblasNoTrans = 111
-      size_t bytes = mkl().size(162, (int)max_m, (int)n, (int)k);
-      packed = at::empty({(int64_t)(bytes / sizeof(float)) + 16}, B.options());
-      mkl().pack(101, 162, 111, (int)max_m, (int)n, (int)k, 1.0f, B.data_ptr<float>(), (int)n,
-                 packed.data_ptr<float>());
+  // packed_: from pack_b() (reused over calls), or undefined to pack here if possible
+  Gemm(const at::Tensor& B_, int64_t max_m, const c10::optional<at::Tensor>& packed_)
+      : B(B_.contiguous()), k(B_.size(0)), n(B_.size(1)) {
+    if (packed_.has_value() && packed_->defined()) {
+      if (packed_->numel() > 0) packed = *packed_;
+    } else {
+      packed = pack(B, max_m);
     }
+  }
+  static at::Tensor pack(const at::Tensor& B, int64_t max_m) {
+    if (!(g_use_packed && B.scalar_type() == at::kFloat && mkl().ok() && max_m > 0))
+      return at::empty({0}, B.options());
+    const int64_t k = B.size(0), n = B.size(1);
+    // CblasRowMajor = 101, CblasBMatrix = 162, CblasNoTrans = 111
+    size_t bytes = mkl().size(162, (int)max_m, (int)n, (int)k);
+    at::Tensor out = at::empty({(int64_t)(bytes / sizeof(float)) + 16}, B.options());
+    mkl().pack(101, 162, 111, (int)max_m, (int)n, (int)k, 1.0f, B.data_ptr<float>(), (int)n,
+               out.data_ptr<float>());
+    return out;
   }
   // C rows [0, m) = A rows [0, m) @ B; A and C row-major with leading dims k and n.
   void run(const at::Tensor& A, at::Tensor C, int64_t m) const {
     if (m == 0) return;
-    if (packed.defined()) {
+    if (packed.defined() && packed.numel() > 0) {
       // CblasNoTrans = 111 for A, CblasPacked = 151 for B
       mkl().compute(101, 111, 151, (int)m, (int)n, (int)k, A.data_ptr<float>(), (int)k,
                     packed.data_ptr<float>(), (int)n, 0.0f, C.data_ptr<float>(), (int)n);
@@ -161,7 +172,7 @@ enum Fwd {
   WX, XH, ACT, OUT, H0, WHT, C, TC, C0, BIAS, G_IH, G_HH, G_PRE, G_C, B_C,
   M_IH, V_IH, M_HH, V_HH, M_PRE, V_PRE, M_C, V_C, B_IH, B_HH, B_PRE, B_C_FLAGS,
   D_OUT, D_H, D_C, DWX, DWH, W_HH, GS_SUM, GS_IH, GS_HH, GS_PRE, GS_C, GS_BC,
-  X_IN, W_IHT, W_IH, XS, GS_WIHT, D_X, N_TENSORS
+  X_IN, W_IHT, W_IH, XS, GS_WIHT, D_X, PACKED, N_TENSORS
 };
 
 struct Ctx {
@@ -170,6 +181,7 @@ struct Ctx {
   // Small input size: W_ih x_t is computed inside the step from x_t (T, N, I) and
   // W_ih^T (I, G) instead of read from a (T, N, G) buffer; the backward recomputes it.
   bool inline_ih = false;
+  int64_t base = 0;  // DWX and DWH hold steps [base, ...) of the backward chunk
   std::vector<int64_t> sizes;
   std::vector<c10::optional<at::Tensor>> ts;
   Norm ih, hh, pre, c;
@@ -380,7 +392,7 @@ int64_t grain_for(int64_t n, int64_t G, int64_t H) {
 template <typename T>
 void forward_impl(Ctx& x, int64_t t0, int64_t t1) {
   const int64_t N = x.N, H = x.H, G = x.G;
-  Gemm gemm(x.at_(WHT), N);
+  Gemm gemm(x.at_(WHT), N, x.ts[PACKED]);
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n = x.sizes[t];
     const int64_t s = x.save ? t : 0;
@@ -477,9 +489,9 @@ void backward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1, T* scr
   T* dh_buf = x.ptr<T>(D_H);
   // da is computed here and the BN backward is done in place; with the inline projection
   // and a separate DWH, DWX is a one-step scratch.
-  T* da = x.ptr<T>(DWX) + (x.at_(DWX).size(0) == 1 ? 0 : t) * N * G;
+  T* da = x.ptr<T>(DWX) + (x.at_(DWX).size(0) == 1 ? 0 : t - x.base) * N * G;
   T* dwx_sep = x.ptr<T>(DWH);
-  T* dwh = (dwx_sep == x.ptr<T>(DWX)) ? nullptr : dwx_sep + t * N * G;
+  T* dwh = (dwx_sep == x.ptr<T>(DWX)) ? nullptr : dwx_sep + (t - x.base) * N * G;
   const T* xih = nullptr;
   if (x.inline_ih && x.has_ih) {
     xih = x.ptr<T>(XS);  // recomputed below for this block's columns
@@ -607,23 +619,25 @@ void backward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1, T* scr
 }
 
 template <typename T>
-void backward_impl(Ctx& x) {
+void backward_impl(Ctx& x, int64_t t0, int64_t t1) {
   const int64_t N = x.N, H = x.H, G = x.G;
-  Gemm gemm(x.at_(W_HH), N);  // dh_{t-1} = dwh_t @ W_hh
+  Gemm gemm(x.at_(W_HH), N, x.ts[PACKED]);  // dh_{t-1} = dwh_t @ W_hh
   at::Tensor dwh_all = x.at_(DWH);
   at::Tensor dh = x.at_(D_H);
-  for (int64_t t = x.T - 1; t >= 0; --t) {
+  x.base = t0;
+  for (int64_t t = t1 - 1; t >= t0; --t) {
     const int64_t n = x.sizes[t];
     at::parallel_for(0, H, grain_for(n, G, H), [&](int64_t j0, int64_t j1) {
       std::vector<T> scratch(n * CHUNK);
       backward_block<T>(x, t, n, j0, j1, scratch.data());
     });
     if (x.inline_ih && x.ts[D_X].has_value() && x.ts[D_X]->defined() && n > 0) {
-      at::Tensor dwx_t = x.at_(DWX).select(0, x.at_(DWX).size(0) == 1 ? 0 : t).narrow(0, 0, n);
+      at::Tensor dwx_t =
+          x.at_(DWX).select(0, x.at_(DWX).size(0) == 1 ? 0 : t - t0).narrow(0, 0, n);
       at::Tensor dx_t = x.at_(D_X).select(0, t).narrow(0, 0, n);
       at::mm_out(dx_t, dwx_t, x.at_(W_IH));
     }
-    gemm.run(dwh_all.select(0, t), dh, n);
+    gemm.run(dwh_all.select(0, t - t0), dh, n);
   }
 }
 
@@ -644,12 +658,15 @@ void forward_loop(at::IntArrayRef cfg, at::ArrayRef<double> eps, at::IntArrayRef
 }
 
 void backward_loop(at::IntArrayRef cfg, at::ArrayRef<double> eps, at::IntArrayRef sizes,
-                   const c10::List<c10::optional<at::Tensor>>& tensors) {
+                   const c10::List<c10::optional<at::Tensor>>& tensors, int64_t t0, int64_t t1) {
   Ctx x(cfg, eps, sizes, tensors);
   check(x);
   AT_DISPATCH_FLOATING_TYPES(x.at_(WX).scalar_type(), "bnrnn_fast_backward",
-                             [&] { backward_impl<scalar_t>(x); });
+                             [&] { backward_impl<scalar_t>(x, t0, t1); });
 }
+
+// B (k, n) packed for row counts up to max_m (MKL), or an empty tensor (use at::mm).
+at::Tensor pack_b(const at::Tensor& B, int64_t max_m) { return Gemm::pack(B.contiguous(), max_m); }
 
 bool set_gemm(std::string name) {
   g_use_packed = name == "packed";
@@ -661,7 +678,8 @@ bool set_gemm(std::string name) {
 TORCH_LIBRARY(bnrnn_fast, m) {
   m.def("forward_loop(int[] cfg, float[] eps, int[] sizes, Tensor?[] tensors, int t0, int t1) -> ()",
         &forward_loop);
-  m.def("backward_loop(int[] cfg, float[] eps, int[] sizes, Tensor?[] tensors) -> ()",
+  m.def("backward_loop(int[] cfg, float[] eps, int[] sizes, Tensor?[] tensors, int t0, int t1) -> ()",
         &backward_loop);
+  m.def("pack_b(Tensor B, int max_m) -> Tensor", &pack_b);
   m.def("set_gemm(str name) -> bool", &set_gemm);
 }

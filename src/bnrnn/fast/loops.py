@@ -82,8 +82,10 @@ class Buffers:
     dOUT: Tensor | None = None  # (T, N, H)
     dh: Tensor | None = None  # (N, H) in: grad of h_n; out: grad of h_0
     dc: Tensor | None = None  # (N, H) likewise for c
-    DWX: Tensor | None = None  # (T, N, G) out: grad of W_ih x (zero beyond each length)
-    DWH: Tensor | None = None  # (T, N, G) out: grad of W_hh h_{t-1}; may be DWX itself
+    # out: grads of W_ih x_t and of W_hh h_{t-1} for the steps of one backward chunk
+    # (zero beyond each length); DWH may be DWX itself
+    DWX: Tensor | None = None  # (K, N, G)
+    DWH: Tensor | None = None  # (K, N, G)
     grads: dict[str, Tensor] = field(default_factory=dict)  # (F,) accumulators
     # the inline input projection (Plan.inline_ih, compiled loops only)
     x: Tensor | None = None  # (T, N, I)
@@ -91,6 +93,7 @@ class Buffers:
     w_ih: Tensor | None = None  # (G, I)
     XS: Tensor | None = None  # (1, N, G) scratch for xhat_ih in the backward
     dX: Tensor | None = None  # (T, N, I) grad of x, or None
+    packed: Tensor | None = None  # the compiled loops' packed GEMM operand, reused over calls
 
 
 def _normalise(plan: Plan, b: Buffers, key: str, z: Tensor, t: int, eps: float) -> Tensor:
@@ -168,10 +171,11 @@ def _bn_backward(
 
 
 @torch.no_grad()
-def backward_loop(plan: Plan, b: Buffers) -> None:
+def backward_loop(plan: Plan, b: Buffers, t0: int, t1: int) -> None:
+    """Steps t1 - 1 down to t0. DWX and DWH hold steps [t0, t1) at indices t - t0."""
     eps_ih, eps_hh, eps_pre, eps_c = plan.eps
     lstm = plan.kind == LSTM
-    for t in reversed(range(len(plan.sizes))):
+    for t in reversed(range(t0, t1)):
         n = plan.sizes[t]
         dh = b.dOUT[t, :n] + b.dh[:n]
         if lstm:
@@ -216,9 +220,10 @@ def backward_loop(plan: Plan, b: Buffers) -> None:
                 if plan.has_hh
                 else da
             )
-        b.DWX[t, :n] = dwx
-        b.DWX[t, n:].zero_()
+        k = t - t0
+        b.DWX[k, :n] = dwx
+        b.DWX[k, n:].zero_()
         if b.DWH is not b.DWX:
-            b.DWH[t, :n] = dwh
-            b.DWH[t, n:].zero_()
-        torch.mm(b.DWH[t, :n], b.w_hh, out=b.dh[:n])
+            b.DWH[k, :n] = dwh
+            b.DWH[k, n:].zero_()
+        torch.mm(b.DWH[k, :n], b.w_hh, out=b.dh[:n])

@@ -1,0 +1,276 @@
+"""Speed and memory of BNLSTM against torch.nn.LSTM on the CPU, side by side in one run.
+
+    python benchmarks/rnn_speed.py            # everything (a few minutes on 2 cores)
+    python benchmarks/rnn_speed.py --quick    # fewer rounds, no reference path
+
+For each configuration (batch N, hidden H, input I, length T) it prints, against nn.LSTM
+with the same input form (packed where ours is packed):
+
+- train: one training step (forward + backward of ``output.sum()``), ms and ratio;
+- eval: one forward in eval mode under ``torch.no_grad()``, ms and ratio;
+- saved: bytes autograd keeps for the backward after the forward (unique storages packed
+  by ``torch.autograd.graph.saved_tensors_hooks``, parameters excluded), ratio;
+- peak: peak resident memory of one training step above the resident memory before it,
+  measured in a fresh subprocess per row (``/proc/self/clear_refs`` resets the high-water
+  mark, glibc returns every block of 64 KiB or more to the system on free), ratio. This
+  counts everything the step allocates: saved activations, temporaries, gradients,
+  library scratch.
+
+for bnrnn's fast path (``impl="auto"``, norm="cooijmans", and norm="input" /
+"preactivation" for speed), and the plain reference loop (``impl="reference"``). Times are
+the best of ``--rounds`` interleaved rounds (every model once per round), which filters out
+other processes on a shared machine. Then the growth with T (mid configuration at T = 100,
+400, 1600): time per step and memory per step stay flat when cost is linear in T.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import bnrnn
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    N: int
+    H: int
+    I: int
+    T: int
+    packed: bool = False
+    layers: int = 1
+    bidirectional: bool = False
+
+
+CONFIGS = {
+    c.name: c
+    for c in [
+        Config("smnist", 64, 100, 1, 784),
+        Config("charptb", 64, 1000, 50, 100),
+        Config("mid", 32, 256, 64, 200),
+        Config("mid-packed", 32, 256, 64, 200, packed=True),
+        Config("mid-bidir2", 32, 256, 64, 200, layers=2, bidirectional=True),
+    ]
+}
+# Model variants: name -> (impl, norm); "lstm" is torch.nn.LSTM.
+VARIANTS = {
+    "lstm": None,
+    "fast": ("auto", "cooijmans"),
+    "fast-input": ("auto", "input"),
+    "fast-preact": ("auto", "preactivation"),
+    "reference": ("reference", "cooijmans"),
+}
+
+
+def make_model(cfg: Config, variant: str) -> nn.Module:
+    torch.manual_seed(0)
+    kw = {"num_layers": cfg.layers, "bidirectional": cfg.bidirectional}
+    if VARIANTS[variant] is None:
+        return nn.LSTM(cfg.I, cfg.H, **kw)
+    impl, norm = VARIANTS[variant]
+    return bnrnn.BNLSTM(cfg.I, cfg.H, norm=norm, max_length=cfg.T, impl=impl, **kw)
+
+
+def make_input(cfg: Config) -> torch.Tensor | PackedSequence:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(cfg.T, cfg.N, cfg.I, generator=g)
+    if not cfg.packed:
+        return x
+    # lengths uniform in [T/2, T]
+    lengths = torch.randint(cfg.T // 2, cfg.T + 1, (cfg.N,), generator=g)
+    lengths[0] = cfg.T
+    return pack_padded_sequence(x, lengths, enforce_sorted=False)
+
+
+def _loss(out) -> torch.Tensor:
+    return (out.data if isinstance(out, PackedSequence) else out).sum()
+
+
+def train_step(model: nn.Module, x) -> None:
+    model.train()
+    out, _ = model(x)
+    _loss(out).backward()
+
+
+def eval_step(model: nn.Module, x) -> None:
+    model.eval()
+    with torch.no_grad():
+        model(x)
+
+
+def saved_bytes(model: nn.Module, x) -> int:
+    """Bytes of the unique storages autograd saves for the backward (not parameters)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _ = model(x)
+    del out
+    return sum(seen.values())
+
+
+def _status() -> dict[str, int]:
+    values = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS", "VmHWM")):
+                values[line.split(":")[0]] = int(line.split()[1]) * 1024
+    return values
+
+
+def peak_child(cfg_name: str, variant: str, T: int | None, threads: int) -> None:
+    """In a fresh process: the peak RSS of one training step above the RSS before it."""
+    torch.set_num_threads(threads)
+    cfg = CONFIGS[cfg_name]
+    if T is not None:
+        cfg = Config(cfg.name, cfg.N, cfg.H, cfg.I, T, cfg.packed, cfg.layers, cfg.bidirectional)
+    model = make_model(cfg, variant)
+    x = make_input(cfg)
+    train_step(model, x)  # warm-up: one-time allocations, the compiled loops loaded
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark VmHWM to the current RSS
+    before = _status()["VmRSS"]
+    train_step(model, x)
+    print(json.dumps({"peak": _status()["VmHWM"] - before}))
+
+
+def peak_bytes(cfg: Config, variant: str, threads: int, T: int | None = None) -> int | None:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    cmd = [sys.executable, __file__, "--_peak", cfg.name, variant, str(T or 0), str(threads)]
+    try:
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+        return int(json.loads(res.stdout.strip().splitlines()[-1])["peak"])
+    except Exception as e:  # report, keep going
+        print(f"  (peak memory of {cfg.name}/{variant} failed: {e})", file=sys.stderr)
+        return None
+
+
+def best_times(cfg: Config, variants: list[str], rounds: int, ref_rounds: int):
+    """Best-of-rounds train and eval times, every model once per round (interleaved)."""
+    x = make_input(cfg)
+    models = {v: make_model(cfg, v) for v in variants}
+    for m in models.values():  # warm-up
+        train_step(m, x)
+        eval_step(m, x)
+    best: dict[tuple[str, str], float] = {}
+    for r in range(rounds):
+        for v, m in models.items():
+            if v == "reference" and r >= ref_rounds:
+                continue
+            for mode, fn in (("train", train_step), ("eval", eval_step)):
+                m.zero_grad(set_to_none=True)
+                t0 = time.perf_counter()
+                fn(m, x)
+                dt = time.perf_counter() - t0
+                best[v, mode] = min(best.get((v, mode), float("inf")), dt)
+    saved = {v: saved_bytes(m, x) for v, m in models.items()}
+    return best, saved
+
+
+def fmt_ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    ap.add_argument("--ref-rounds", type=int, default=2, help="rounds for the reference loop")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    ap.add_argument("--no-reference", action="store_true", help="skip the reference loop")
+    ap.add_argument("--no-peak", action="store_true", help="skip the peak-RSS subprocesses")
+    ap.add_argument("--no-growth", action="store_true", help="skip the growth with T")
+    ap.add_argument("--quick", action="store_true", help="2 rounds, no reference path")
+    ap.add_argument("--_peak", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._peak:
+        name, variant, T, threads = args._peak
+        peak_child(name, variant, int(T) or None, int(threads))
+        return
+    if args.quick:
+        args.rounds, args.no_reference = 2, True
+    torch.set_num_threads(args.threads)
+    variants = [v for v in VARIANTS if not (args.no_reference and v == "reference")]
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, float32; times: best of "
+        f"{args.rounds} interleaved rounds (reference: {args.ref_rounds}); ratios to nn.LSTM"
+    )
+    from bnrnn.fast import compiled
+
+    compiled.load()  # build once before timing
+
+    header = (
+        f"{'config':<12} {'model':<12} {'train ms':>9} {'ratio':>6} {'eval ms':>9} "
+        f"{'ratio':>6} {'saved MB':>9} {'ratio':>6} {'peak MB':>8} {'ratio':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name in args.configs.split(","):
+        cfg = CONFIGS[name]
+        best, saved = best_times(cfg, variants, args.rounds, args.ref_rounds)
+        peaks = {}
+        for v in variants:
+            if not args.no_peak and not v.startswith("fast-"):
+                peaks[v] = peak_bytes(cfg, v, args.threads)
+        for v in variants:
+            tr, ev = best[v, "train"], best[v, "eval"]
+            pk = peaks.get(v)
+            print(
+                f"{name:<12} {v:<12} {tr * 1e3:9.1f} {fmt_ratio(tr, best['lstm', 'train']):>6} "
+                f"{ev * 1e3:9.1f} {fmt_ratio(ev, best['lstm', 'eval']):>6} "
+                f"{saved[v] / 2**20:9.1f} {fmt_ratio(saved[v], saved['lstm']):>6} "
+                f"{'-' if pk is None else f'{pk / 2**20:8.1f}':>8} "
+                f"{fmt_ratio(pk, peaks.get('lstm')):>6}",
+                flush=True,
+            )
+
+    if args.no_growth:
+        return
+    print()
+    print("growth with T (mid: N=32, H=256, I=64), fast path vs nn.LSTM, training step")
+    header = (
+        f"{'T':>5} {'lstm ms/step':>13} {'fast ms/step':>13} {'ratio':>6} "
+        f"{'saved KB/step':>14} {'ratio':>6} {'peak KB/step':>13} {'ratio':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    base = CONFIGS["mid"]
+    for T in (100, 400, 1600):
+        cfg = Config("mid", base.N, base.H, base.I, T)
+        best, saved = best_times(cfg, ["lstm", "fast"], max(2, args.rounds - 2), 0)
+        peaks = {}
+        if not args.no_peak:
+            peaks = {v: peak_bytes(cfg, v, args.threads, T) for v in ("lstm", "fast")}
+        lt, ft = best["lstm", "train"], best["fast", "train"]
+        fp = peaks.get("fast")
+        print(
+            f"{T:5d} {lt / T * 1e3:13.3f} {ft / T * 1e3:13.3f} {ft / lt:6.2f} "
+            f"{saved['fast'] / T / 1024:14.1f} {fmt_ratio(saved['fast'], saved['lstm']):>6} "
+            f"{'-' if fp is None else f'{fp / T / 1024:13.1f}':>13} "
+            f"{fmt_ratio(fp, peaks.get('lstm')):>6}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
