@@ -179,7 +179,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 def cmd_reproduce(args: argparse.Namespace, argv: list[str] | None) -> int:
     from .compare import compare
-    from .rundir import RESULTS, default_runs_dir, run_name
+    from .rundir import RESULTS, default_runs_dir, read_config, run_name
     from .train import train
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -193,6 +193,15 @@ def cmd_reproduce(args: argparse.Namespace, argv: list[str] | None) -> int:
         cfg = make_config(args.task, model, args.preset, args.dry_run, **overrides)
         run_dir = runs_dir / run_name(cfg)
         run_dirs.append(run_dir)
+        if not args.force and (run_dir / "config.json").is_file():
+            saved = read_config(run_dir)
+            if saved != cfg:
+                diff = {k: (v, getattr(cfg, k)) for k, v in saved.to_dict().items()
+                        if getattr(cfg, k) != v}  # fmt: skip
+                raise ValueError(
+                    f"{run_dir} holds a run with other settings (saved, asked): {diff}; "
+                    "pass --force to start it over, or --runs-dir for another folder"
+                )
         if (run_dir / RESULTS).is_file() and not args.force:
             print(f"| {run_dir} is finished (results.json); --force to train it again", flush=True)
             continue
