@@ -21,6 +21,7 @@ from bnrnn_experiments.qa.batching import PAD_ID, iterate_batches, make_batch
 from bnrnn_experiments.qa.cloze import (
     build_cloze_examples,
     cloze_statistics,
+    context_match_candidate,
     format_statistics,
     is_content_word,
     most_frequent_candidate,
@@ -286,6 +287,15 @@ def test_cloze_statistics_and_baseline() -> None:
         counts = Counter(ex.document)
         best = most_frequent_candidate(ex)
         assert counts[best] == max(counts[c] for c in ex.candidates)
+    doc = "@entity1 rose . @entity2 fell . @entity2 fell . @entity3 rose"
+    ex = QAExample(
+        document=tuple(doc.split()),
+        query=("@placeholder", "rose"),
+        answer="@entity1",
+        candidates=("@entity1", "@entity2", "@entity3"),
+    )
+    assert most_frequent_candidate(ex) == "@entity2"
+    assert context_match_candidate(ex) == "@entity1"  # "rose" follows @entity1 and @entity3
     table = format_statistics({"train": stats})
     assert "most-frequent-candidate accuracy" in table and "%" in table
 

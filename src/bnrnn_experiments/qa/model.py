@@ -192,18 +192,64 @@ class PaddedReverseBNLSTM(nn.Module):
         bias = self.bias_ih + self.bias_hh
         h = x.new_zeros(N, self.hidden_size)
         c = x.new_zeros(N, self.hidden_size)
+        # Frame-wise statistics of W_hh h and c over all N rows at every step. They are
+        # computed here and folded into the population rows once after the loop (the
+        # same update as `StepBatchNorm.step` per step, which is slow in a Python loop).
+        batch_stats = self.bn_hh.uses_batch_stats and N >= 2
+        seen: dict[str, list[tuple[Tensor, Tensor]]] = {"hh": [], "c": []}
         outputs = []
         for t, (wx_t, m_t) in enumerate(zip(wx.unbind(0), mask.unbind(0))):
             norms = StepNorms(
-                hh=functools.partial(self.bn_hh.step, t=t),
-                c=functools.partial(self.bn_c.step, t=t),
+                hh=functools.partial(self._norm, "hh", t, batch_stats, seen),
+                c=functools.partial(self._norm, "c", t, batch_stats, seen),
             )
             h_new, c_new = lstm_step(wx_t, (h, c), self.weight_hh, bias, norms)  # (N, H)
             m = m_t[:, None]
             h = torch.where(m, h_new, h)  # padding does not update the state
             c = torch.where(m, c_new, c)
             outputs.append(torch.where(m, h_new, 0))
+        if batch_stats:
+            for key, stats in seen.items():
+                _track_steps(getattr(self, f"bn_{key}"), stats, N)
         return torch.stack(outputs).flip(0), (h, c)
+
+    def _norm(
+        self,
+        key: str,
+        t: int,
+        batch_stats: bool,
+        seen: dict[str, list[tuple[Tensor, Tensor]]],
+        z: Tensor,
+    ) -> Tensor:
+        """BN of step ``t`` of ``bn_{key}`` over all rows of ``z`` (n, F)."""
+        bn: StepBatchNorm = getattr(self, f"bn_{key}")
+        if batch_stats:
+            mean, var = z.mean(0), z.var(0, unbiased=False)
+            seen[key].append((mean.detach(), var.detach()))
+        else:
+            row = min(t, bn.max_length - 1)  # Cooijmans §3: the last row beyond T_max
+            mean, var = bn.running_mean[row], bn.running_var[row]
+        out = (z - mean) * torch.rsqrt(var + bn.eps) * bn.weight
+        return out if bn.bias is None else out + bn.bias
+
+
+@torch.no_grad()
+def _track_steps(bn: StepBatchNorm, stats: list[tuple[Tensor, Tensor]], n: int) -> None:
+    """Fold the batch statistics of steps 0..len(stats)-1 (each over ``n`` rows) into the
+    population rows of ``bn``, as `StepBatchNorm` does (unbiased variance stored; momentum
+    None: cumulative average). Steps beyond ``max_length`` are not tracked (SPEC)."""
+    k = min(len(stats), bn.max_length)
+    if k == 0:
+        return
+    mean = torch.stack([m for m, _ in stats[:k]])  # (k, F)
+    var = torch.stack([v for _, v in stats[:k]]) * (n / (n - 1))
+    bn.num_batches_tracked[:k] += 1
+    if bn.momentum is None:
+        factor = 1.0 / bn.num_batches_tracked[:k, None].to(mean.dtype)
+    else:
+        factor = torch.full((k, 1), bn.momentum, dtype=mean.dtype, device=mean.device)
+    bn.running_mean[:k] += factor * (mean - bn.running_mean[:k])
+    bn.running_var[:k] += factor * (var - bn.running_var[:k])
 
 
 class BiEncoder(nn.Module):
@@ -391,8 +437,9 @@ class AttentiveReader(nn.Module):
         else:
             self.output = nn.Linear(A, num_entities)  # Hermann et al.: W(a) . g
         with torch.no_grad():
-            nn.init.normal_(self.embed.weight, std=0.1)  # (choice) the paper gives no scale
-            self.embed.weight[0].zero_()
+            # (choice) embeddings keep torch's N(0, 1): the paper gives no scale, and with
+            # N(0, 0.1) the plain LSTM barely sees its input in a short run (the BN models
+            # normalise W_ih x and do not care); row 0 (padding) is zero.
             if weight_init != "uniform":  # Cooijmans §5: orthogonal weight matrices
                 for lin in (
                     self.attend_m.proj_a,

@@ -49,9 +49,10 @@ _CLOZE_PAPER: dict[str, Any] = {
     "max_length": 256,  # the longest ptb-cloze document has 208 tokens
 }
 _QA_QUICK: dict[str, Any] = {
-    # Minutes on 2 CPU cores: a small reader, one learning rate and batch size for every
-    # model (the paper's bn-e* rate is not applied, so that the curves differ by the
-    # model only), tied entity embeddings (see `AttentiveReader`), validation on a subset.
+    # Minutes on 2 CPU cores (5-15 per model): a small reader, one learning rate and batch
+    # size for every model (the paper's bn-e* rate is not applied, so that the curves
+    # differ by the model only), tied entity embeddings (see `AttentiveReader`),
+    # documents of 2 sentences, validation on a subset.
     "hidden_size": 64,
     "embed_size": 64,
     "lr": 3e-3,
@@ -59,8 +60,8 @@ _QA_QUICK: dict[str, Any] = {
     "eval_batch_size": 250,
     "tie_entities": True,
     "max_epochs": 0,
-    "max_steps": 1000,
-    "eval_interval": 100,
+    "max_steps": 1500,
+    "eval_interval": 150,
     "log_interval": 50,
     "patience": 0,
     "pop_batches": 30,

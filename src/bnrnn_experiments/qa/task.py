@@ -164,8 +164,8 @@ class QATask(Task):
         out = {}
         for split, examples in self.splits.items():
             s = cloze_statistics(examples)
-            s["chance"] *= 100.0
-            s["most_frequent"] *= 100.0
+            for key in ("chance", "most_frequent", "context_match", "answer_in_document"):
+                s[key] *= 100.0
             out[split] = s
         return out
 
