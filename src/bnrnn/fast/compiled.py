@@ -45,7 +45,14 @@ _ORDER = (
 
 # -fno-math-errno, -fno-trapping-math: let gcc vectorise sqrt and the branch-free exp/tanh
 # (no -ffast-math: NaN and inf keep their IEEE meaning).
-_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17"]
+_CFLAGS = [
+    "-O3",
+    "-march=native",
+    "-mprefer-vector-width=512",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-std=c++17",
+]
 _lock = threading.Lock()
 _module: Any = None
 _error: BaseException | None = None

@@ -21,7 +21,7 @@
 namespace {
 
 enum Kind { LSTM = 0, RNN_TANH = 1, RNN_RELU = 2 };
-constexpr int64_t CHUNK = 64;  // hidden units per inner block (stack arrays)
+constexpr int64_t CHUNK = 256;  // hidden units per inner block (stack arrays)
 
 // ---------------------------------------------------------------------------------------
 // Element-wise math. float: vectorisable approximations (Cephes expf / tanhf, ~2 ulp);
@@ -30,10 +30,12 @@ constexpr int64_t CHUNK = 64;  // hidden units per inner block (stack arrays)
 
 __attribute__((always_inline)) inline float exp_f(float x) {
   // Branch-free so that gcc vectorises the loops calling it (no floor, fmin, memcpy).
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float t = x * 1.44269504088896341f;
-  const int32_t ki = static_cast<int32_t>(t + (t >= 0.0f ? 0.5f : -0.5f));
-  const float k = static_cast<float>(ki);
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  // k = round(x / ln 2) by the 1.5 * 2^23 trick; its integer value is in the low bits.
+  const float kf = x * 1.44269504088896341f + 12582912.0f;
+  const int32_t ki = __builtin_bit_cast(int32_t, kf) - 0x4B400000;
+  const float k = kf - 12582912.0f;
   const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -111,6 +113,7 @@ const Mkl& mkl() {
 }
 
 bool g_use_packed = true;  // set_gemm("packed" | "mm")
+int64_t g_grain = 8000;     // elements per thread in the fused step (set_grain)
 
 struct Gemm {
   at::Tensor B;       // (k, n) contiguous
@@ -386,7 +389,7 @@ void forward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1) {
 int64_t grain_for(int64_t n, int64_t G, int64_t H) {
   // Split the hidden units over threads only when a step has enough work.
   const int64_t per_unit = std::max<int64_t>(1, n * (G / H + 1));
-  return std::max<int64_t>(16, 40000 / per_unit);
+  return std::max<int64_t>(16, g_grain / per_unit);
 }
 
 template <typename T>
@@ -668,6 +671,12 @@ void backward_loop(at::IntArrayRef cfg, at::ArrayRef<double> eps, at::IntArrayRe
 // B (k, n) packed for row counts up to max_m (MKL), or an empty tensor (use at::mm).
 at::Tensor pack_b(const at::Tensor& B, int64_t max_m) { return Gemm::pack(B.contiguous(), max_m); }
 
+int64_t set_grain(int64_t grain) {
+  const int64_t old = g_grain;
+  if (grain > 0) g_grain = grain;
+  return old;
+}
+
 bool set_gemm(std::string name) {
   g_use_packed = name == "packed";
   return !g_use_packed || mkl().ok();
@@ -682,4 +691,5 @@ TORCH_LIBRARY(bnrnn_fast, m) {
         &backward_loop);
   m.def("pack_b(Tensor B, int max_m) -> Tensor", &pack_b);
   m.def("set_gemm(str name) -> bool", &set_gemm);
+  m.def("set_grain(int grain) -> int", &set_grain);
 }
