@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,7 @@ def load_curves(run_dir: Path) -> dict[str, Any]:
         raise ValueError(f"{run_dir}: metrics.jsonl holds no validation score yet")
     train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train" and "loss" in r]
     valid = [(r["step"], r[metric]) for r in records if r.get("kind") == "valid" and metric in r]
+    grads = [r["grad_norm"] for r in records if r.get("kind") == "train" and "grad_norm" in r]
     return {
         "path": run_dir,
         "gamma": float(cfg.get("gamma_init", float("nan"))),
@@ -105,6 +107,7 @@ def load_curves(run_dir: Path) -> dict[str, Any]:
         "metric": metric,
         "train": train,
         "valid": valid,
+        "grad_norms": grads,
     }
 
 
@@ -217,6 +220,11 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> Any:
             "final_train_loss": c["train"][-1][1] if c["train"] else None,
             "best_valid": best,
             "final_valid": vals[-1] if vals else None,
+            # gradient norm before clipping at the logged steps: inf means it overflowed
+            "max_finite_logged_grad_norm": max(
+                (g for g in c["grad_norms"] if math.isfinite(g)), default=None
+            ),
+            "nonfinite_logged_grad_norms": sum(not math.isfinite(g) for g in c["grad_norms"]),
         }
         rows += [[c["gamma"], str(c["path"]), "train_loss", s, v] for s, v in c["train"]]
         rows += [[c["gamma"], str(c["path"]), f"valid_{metric}", s, v] for s, v in c["valid"]]

@@ -204,7 +204,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> Any:
     sd = load_state_dict(ckpt)
     res = compute(sd, terms, args.layer, args.units, args.seed, args.tolerance)
     shown = list(res)
-    fig, axes = new_figure(11, 3.3 * len(shown), len(shown), 2)
+    fig, axes = new_figure(10, 3.1 * len(shown), len(shown), 2)
     axes = np.asarray(axes).reshape(len(shown), 2)
     header = ["step"]
     columns: list[np.ndarray] = []
@@ -275,4 +275,5 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> Any:
         rows=rows,
         note=note,
         argv=argv,
+        dpi=90,  # many noisy lines: keeps the PNG small
     )
