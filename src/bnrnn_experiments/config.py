@@ -290,7 +290,7 @@ _WORD_QUICK: dict[str, Any] = {
     "valid_subset": 30000,
     "test_subset": 30000,
     "max_epochs": 2,
-    "lr_decay_start": 1,
+    "lr_decay_start": 2,  # two epochs at lr 1: too short a run to decay
     "log_interval": 50,
     "pop_batches": 50,
     "threads": _QUICK_THREADS,
