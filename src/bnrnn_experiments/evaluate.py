@@ -130,9 +130,18 @@ def evaluate_run(
     ``max_length`` (Cooijmans §3). Scores are given with the running population statistics
     and re-estimated over ``pop_batches`` training batches (default: the run's setting).
     """
-    if overrides and "threads" in overrides and overrides["threads"]:
-        torch.set_num_threads(int(overrides["threads"]))
     cfg, task, model, ckpt = load_run_model(run_dir, checkpoint, overrides)
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _evaluate_run(run_dir, cfg, task, model, ckpt, lengths, splits, checkpoint,
+                             pop_batches, log)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _evaluate_run(run_dir, cfg, task, model, ckpt, lengths, splits, checkpoint, pop_batches, log):
     if lengths and task.metric == "acc":
         raise ValueError(f"--lengths applies to the language models, not to {cfg.task}")
     log(f"| {run_dir}: {cfg.task} {cfg.model}, checkpoint at step {ckpt.get('step', '?')}")
