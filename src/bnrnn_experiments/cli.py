@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ALL_MODELS, ALL_TASKS, FIELDS, PRESETS, Config, format_config, make_config
+from .distributed import env_is_main, launched_by_torchrun
 from .figures import add_figure_parser, run_figure
 
 _FIXED = ("task", "model", "preset", "dry_run")  # positional / dedicated options
@@ -103,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the resolved configuration and exit")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no log lines on stdout (train.log only)")
     _add_config_options(p)
+    p.epilog = (
+        "Several processes: torchrun --standalone --nproc-per-node 2 -m bnrnn_experiments "
+        "train ... (DDP; rank 0 writes the run directory; --no-sync-stats: per-process BN "
+        "statistics). See README.md, 'Distributed training: torchrun'."
+    )
 
     p = sub.add_parser("reproduce", help="train several models on a task, then compare them")
     _add_what(p, models_default=None)
@@ -154,7 +160,7 @@ def _resolve_train_config(args: argparse.Namespace, run_dir: Path | None) -> Con
                 f"{run_dir} holds a {saved.task} {saved.model} run, not {args.task} {args.model}"
             )
         changed = {k: v for k, v in overrides.items() if getattr(saved, k) != v}
-        if changed:
+        if changed and env_is_main():
             print(f"| resuming with changed options: {changed}", flush=True)
         return apply_overrides(saved, overrides)
     return make_config(args.task, args.model, args.preset, args.dry_run, **overrides)
@@ -171,7 +177,8 @@ def cmd_train(args: argparse.Namespace, argv: list[str] | None) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else runs_dir / run_name(probe)
     cfg = _resolve_train_config(args, run_dir)
     if args.print_config:
-        print(format_config(cfg))
+        if env_is_main():
+            print(format_config(cfg))
         return 0
     train(cfg, run_dir, resume=args.resume, force=args.force, argv=argv, quiet=args.quiet)
     return 0
@@ -254,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataUnavailableError
 
     try:
+        if launched_by_torchrun() and args.command != "train":
+            raise ValueError("only `bnrnn train` runs under torchrun (several processes)")
         if args.command == "train":
             return cmd_train(args, raw)
         if args.command == "reproduce":

@@ -127,6 +127,11 @@ class Config:
         100, "training batches for re-estimating BN population statistics; 0 = one epoch"
     )
     threads: int = _f(0, "torch CPU threads; 0 = torch's default")
+    sync_stats: bool = _f(
+        True,
+        "under torchrun: synchronise the BN statistics over the processes (else each "
+        "process normalises over its own rows)",
+    )
 
     # question answering (cnn-qa, ptb-cloze; see qa/)
     doc_sentences: int = _f(3, "ptb-cloze: sentences per document (the query is the next one)")

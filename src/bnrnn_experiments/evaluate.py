@@ -57,18 +57,26 @@ def scores_with_population(
     splits: Sequence[str] = ("valid", "test"),
     lengths: Sequence[int | None] = (None,),
     log: Log = print,
+    evaluate_here: bool = True,
 ) -> dict[str, Any]:
     """Scores with the running estimates, then (BN models only) with population statistics
     re-estimated over ``pop_batches`` training batches; ``model`` keeps the re-estimated
-    statistics afterwards."""
+    statistics afterwards.
+
+    ``evaluate_here=False`` (ranks other than 0 under torchrun): only the re-estimation,
+    which every process must run when the statistics are synchronised; scores are None."""
     t0 = time.perf_counter()
-    result: dict[str, Any] = {"running": evaluate_all(task, model, splits, lengths)}
+
+    def scores() -> dict[str, dict[str, Any]] | None:
+        return evaluate_all(task, model, splits, lengths) if evaluate_here else None
+
+    result: dict[str, Any] = {"running": scores()}
     result["reestimated"] = None
     if has_bn(model):
         n = reestimate_population_stats(task, model, pop_batches)
         log(f"| re-estimated the population statistics over {n} training batches")
         result["pop_batches"] = n
-        result["reestimated"] = evaluate_all(task, model, splits, lengths)
+        result["reestimated"] = scores()
     result["eval_seconds"] = round(time.perf_counter() - t0, 2)
     return result
 
