@@ -155,6 +155,7 @@ class _Ops:
             plan.G,
             b.OUT.shape[1],
             int(plan.inline_ih),
+            plan.wx_base,
         ]
 
     @staticmethod

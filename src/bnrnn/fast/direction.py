@@ -100,6 +100,8 @@ INLINE_MAX_INPUT = 8
 # The backward holds the gradients of W_ih x and W_hh h for chunks of
 # max(MIN_CHUNK, ceil(T / 4)) steps at a time (see _FastDirection.backward).
 MIN_CHUNK = 16
+# Steps per W_ih x GEMM in a forward without backward.
+EVAL_CHUNK = 32
 
 
 class _Config:
@@ -264,8 +266,13 @@ def _forward(
     lstm = plan.kind == LSTM
     save = plan.save
     S = T if save else 1
+    # Without a backward, W_ih x is computed EVAL_CHUNK steps at a time into a buffer that
+    # stays in cache (sequence-wise statistics need all steps at once).
+    chunked = not save and not plan.inline_ih and not plan.ih_seq and T > EVAL_CHUNK
     if plan.inline_ih:  # W_ih x_t is computed inside each step
         WX = x.new_empty(1, N, G)
+    elif chunked:
+        WX = x.new_empty(EVAL_CHUNK, N, G)
     else:  # W_ih x for all steps at once; padded rows of x are zero and never read.
         WX = torch.mm(x.reshape(T * N, I), w_ih.t()).view(T, N, G)
     new = functools.partial(x.new_empty)
@@ -311,10 +318,18 @@ def _forward(
             continue
         for key in frame_keys:
             _fill_population(cfg, b, key, t0, t1)
-        if cfg.ext is not None:
-            cfg.ext.forward_loop(plan, b, t0, t1)
-        else:
-            loops.forward_loop(plan, b, t0, t1)
+        step = EVAL_CHUNK if chunked else t1 - t0
+        for c0 in range(t0, t1, step):
+            c1 = min(t1, c0 + step)
+            if chunked:
+                k = c1 - c0
+                torch.mm(x[c0:c1].reshape(k * N, I), w_ih.t(), out=WX[:k].view(k * N, G))
+                plan.wx_base = c0
+            if cfg.ext is not None:
+                cfg.ext.forward_loop(plan, b, c0, c1)
+            else:
+                loops.forward_loop(plan, b, c0, c1)
+        plan.wx_base = 0
         for key in frame_keys:
             _track(cfg, b, key, t0, t1)
     # Each sequence's state at its own last step.

@@ -184,7 +184,8 @@ struct Ctx {
   // Small input size: W_ih x_t is computed inside the step from x_t (T, N, I) and
   // W_ih^T (I, G) instead of read from a (T, N, G) buffer; the backward recomputes it.
   bool inline_ih = false;
-  int64_t base = 0;  // DWX and DWH hold steps [base, ...) of the backward chunk
+  // The forward's WX, and the backward's DWX and DWH, hold steps [base, ...) of a chunk.
+  int64_t base = 0;
   std::vector<int64_t> sizes;
   std::vector<c10::optional<at::Tensor>> ts;
   Norm ih, hh, pre, c;
@@ -203,6 +204,7 @@ struct Ctx {
     G = cfg[8];
     N = cfg[9];
     inline_ih = cfg.size() > 10 && cfg[10];
+    base = cfg.size() > 11 ? cfg[11] : 0;
     T = (int64_t)sizes.size();
     for (size_t i = 0; i < list.size(); ++i) ts.push_back(list.get(i));
     ts.resize(N_TENSORS);
@@ -291,7 +293,7 @@ void forward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1) {
   const int64_t H = x.H, G = x.G, N = x.N;
   const int64_t s = x.save ? t : 0;
   const int64_t gates = G / H;
-  T* wx = x.ptr<T>(WX) + (x.inline_ih ? 0 : t) * N * G;
+  T* wx = x.ptr<T>(WX) + (x.inline_ih ? 0 : t - x.base) * N * G;
   T* wh = x.ptr<T>(XH) + (x.has_hh ? s : 0) * N * G;
   T* act = x.ptr<T>(ACT) + (x.kind == LSTM ? s : 0) * N * G;
   T* out = x.ptr<T>(OUT) + t * N * H;

@@ -50,6 +50,7 @@ class Plan:
     save: bool = True
     # compiled loops only: W_ih x_t computed inside the step from x (small input sizes)
     inline_ih: bool = False
+    wx_base: int = 0  # WX holds steps wx_base, ... (the forward computes it in chunks)
 
 
 @dataclass
@@ -115,7 +116,7 @@ def forward_loop(plan: Plan, b: Buffers, t0: int, t1: int) -> None:
         s = t if plan.save else 0
         h_prev = b.h0[:n] if t == 0 else b.OUT[t - 1, :n]
         wh = torch.mm(h_prev, b.whT, out=b.XH[s if plan.has_hh else 0, :n])  # (n, G)
-        wx = b.WX[t, :n]
+        wx = b.WX[t - plan.wx_base, :n]
         if plan.has_hh:
             wh.copy_(_normalise(plan, b, "hh", wh, t, eps_hh))
             wh_term = wh * b.g_hh
