@@ -301,9 +301,51 @@ void forward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1) {
   const T* g_ih = x.ptr<T>(G_IH);
   const T* g_hh = x.ptr<T>(G_HH);
   const T* g_pre = x.ptr<T>(G_PRE);
+  // Population statistics and nothing kept for a backward: every BN is an affine map per
+  // feature, so the pre-activation is one pass a = wh * A + wx * B + C.
+  const bool affine = !x.save && !x.has_pre && !x.hh.batch_at(t) && !x.ih.batch_at(t);
+  const bool affine_c = !x.save && !x.c.batch_at(t);
   for (int64_t ja = j0; ja < j1; ja += CHUNK) {
     const int64_t w = std::min(CHUNK, j1 - ja);
-    for (int64_t k = 0; k < gates; ++k) {
+    for (int64_t k = 0; k < gates && affine; ++k) {
+      const int64_t col = k * H + ja;
+      if (x.inline_ih) project(x, t, n, col, w, wx + col);
+      T A[CHUNK], B[CHUNK], Cst[CHUNK];
+      for (int64_t j = 0; j < w; ++j) {
+        A[j] = T(1), B[j] = T(1), Cst[j] = bias ? bias[col + j] : T(0);
+      }
+      if (x.has_hh) {
+        const T* m = x.hh.mean<T>(t) + col;
+        const T* v = x.hh.var<T>(t) + col;
+        for (int64_t j = 0; j < w; ++j) {
+          A[j] = g_hh[col + j] / std::sqrt(v[j] + T(x.hh.eps));
+          Cst[j] -= A[j] * m[j];
+        }
+      }
+      if (x.has_ih) {
+        const T* m = x.ih.mean<T>(t) + col;
+        const T* v = x.ih.var<T>(t) + col;
+        for (int64_t j = 0; j < w; ++j) {
+          B[j] = g_ih[col + j] / std::sqrt(v[j] + T(x.ih.eps));
+          Cst[j] -= B[j] * m[j];
+        }
+      }
+      const bool is_tanh = (x.kind == LSTM && k == 2) || x.kind == RNN_TANH;
+      for (int64_t r = 0; r < n; ++r) {
+        const T* a = wx + r * G + col;
+        const T* b = wh + r * G + col;
+        T* o = act + r * G + col;
+        for (int64_t j = 0; j < w; ++j) o[j] = b[j] * A[j] + a[j] * B[j] + Cst[j];
+        if (x.kind == RNN_RELU) {
+          for (int64_t j = 0; j < w; ++j) o[j] = o[j] > T(0) ? o[j] : T(0);
+        } else if (is_tanh) {
+          tanh_row(o, w);
+        } else {
+          sigmoid_row(o, w);
+        }
+      }
+    }
+    for (int64_t k = 0; k < gates && !affine; ++k) {
       const int64_t col = k * H + ja;
       if (x.inline_ih) project(x, t, n, col, w, wx + col);
       if (x.has_hh) normalise(wh + col, G, n, w, x.hh, t, col);
@@ -357,6 +399,18 @@ void forward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1) {
       const T* c_prev = (t == 0 || !x.save) ? (x.save ? x.ptr<T>(C0) : c)
                                             : x.ptr<T>(C) + (t - 1) * N * H;
       T* tc = x.ptr<T>(TC) + s * N * H;
+      T Ac[CHUNK], Cc[CHUNK];  // BN(c) as an affine map (population statistics)
+      for (int64_t j = 0; j < w; ++j) Ac[j] = T(1), Cc[j] = T(0);
+      if (x.has_c && affine_c) {
+        const T* m = x.c.mean<T>(t) + ja;
+        const T* v = x.c.var<T>(t) + ja;
+        const T* g_c = x.ptr<T>(G_C) + ja;
+        const T* b_c = x.ptr<T>(B_C) + ja;
+        for (int64_t j = 0; j < w; ++j) {
+          Ac[j] = g_c[j] / std::sqrt(v[j] + T(x.c.eps));
+          Cc[j] = b_c[j] - Ac[j] * m[j];
+        }
+      }
       for (int64_t r = 0; r < n; ++r) {
         const T* a = act + r * G + ja;
         const T* cp = c_prev + r * H + ja;
@@ -365,10 +419,10 @@ void forward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1) {
         for (int64_t j = 0; j < w; ++j) {
           T v = a[H + j] * cp[j] + a[j] * a[2 * H + j];
           cr[j] = v;
-          tr[j] = v;
+          tr[j] = v * Ac[j] + Cc[j];
         }
       }
-      if (x.has_c) {  // Cooijmans eq. 8: BN(c_t; gamma_c, beta_c)
+      if (x.has_c && !affine_c) {  // Cooijmans eq. 8: BN(c_t; gamma_c, beta_c)
         normalise(tc + ja, H, n, w, x.c, t, ja);
         const T* g_c = x.ptr<T>(G_C) + ja;
         const T* b_c = x.ptr<T>(B_C) + ja;
