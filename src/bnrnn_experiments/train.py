@@ -189,23 +189,8 @@ def _train(
     with du.main_first():  # rank 0 downloads missing data, the others then read it
         task = make_task(cfg)
     model = task.build_model()
-    net: nn.Module = model  # what the training forward runs: `model`, or DDP around it
-    weight = 1.0  # this rank's share of the global mean loss, times the world size
-    synced = False
-    if world > 1:
-        du.shard_task(task, rank, world)
-        if cfg.batch_size < world:
-            raise ValueError(f"batch_size {cfg.batch_size} < {world} processes: a rank has no row")
-        # DDP averages the ranks' gradients of their mean losses; weighting rank r's loss by
-        # world * n_r / N makes the average the gradient of the mean over the global batch
-        # also when the shards are unequal (weight 1 when N divides evenly)
-        weight = world * du.rows_of(cfg.batch_size, rank, world) / cfg.batch_size
-        synced = cfg.sync_stats and has_bn(model)
-        if synced:  # own group: its collectives never interleave with DDP's buckets
-            bnrnn.convert_sync_batchnorm(model, torch.distributed.new_group())
-        # statistics are synchronised (or deliberately per rank): no buffer broadcasts
-        net = _ddp(model)
-        torch.manual_seed(cfg.seed + 1_000_003 * rank)  # dropout / noise differ per rank
+    # what the training forward runs (`model`, or DDP around it), this rank's loss weight
+    net, weight, synced = parallelize(cfg, task, model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
     spe = task.steps_per_epoch
@@ -418,6 +403,29 @@ def _validate(task, model, cfg, run_dir, state, step, epoch, log) -> None:
     if cfg.patience and state["bad_evals"] >= cfg.patience:
         state["stopped"] = True
         log(f"| early stopping: no improvement in {cfg.patience} validations")
+
+
+def parallelize(cfg: Config, task: Any, model: nn.Module) -> tuple[nn.Module, float, bool]:
+    """Under torchrun: shard ``task``'s batches (rank r: rows r::W), synchronise the BN
+    statistics (``cfg.sync_stats``), wrap ``model`` in DDP and give each rank its own dropout
+    / noise generator. Returns (the module to train, the weight of this rank's mean loss,
+    whether statistics are synchronised); single process: (model, 1.0, False)."""
+    rank, world = du.rank(), du.world_size()
+    if world == 1:
+        return model, 1.0, False
+    du.shard_task(task, rank, world)
+    if cfg.batch_size < world:
+        raise ValueError(f"batch_size {cfg.batch_size} < {world} processes: a rank has no row")
+    # DDP averages the ranks' gradients of their mean losses; weighting rank r's loss by
+    # W * n_r / N makes that average the gradient of the mean over the global batch, also
+    # when the shards are unequal (the weight is 1 when W divides N)
+    weight = world * du.rows_of(cfg.batch_size, rank, world) / cfg.batch_size
+    synced = cfg.sync_stats and has_bn(model)
+    if synced:  # own group: its collectives never interleave with DDP's buckets
+        bnrnn.convert_sync_batchnorm(model, torch.distributed.new_group())
+    net = _ddp(model)
+    torch.manual_seed(cfg.seed + 1_000_003 * rank)  # dropout / noise differ per rank
+    return net, weight, synced
 
 
 def _ddp(model: nn.Module) -> nn.Module:
