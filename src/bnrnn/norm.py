@@ -22,7 +22,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 from torch import Tensor, nn
 
 
@@ -128,7 +127,7 @@ class StepBatchNorm(nn.Module):
         and count. Gradients flow back through the reduction to every process's rows."""
         F = sums.shape[1]
         packed = torch.cat([sums, squares, counts[:, None].to(sums.dtype)], 1)
-        packed = dist_nn.all_reduce(packed, group=self.process_group or dist.group.WORLD)
+        packed = _AllReduceSum.apply(packed, self.process_group or dist.group.WORLD)
         total, total_sq, n = packed.split([F, F, 1], 1)
         n = n.squeeze(1)
         denom = n.clamp(min=1)[:, None]
@@ -245,3 +244,21 @@ class StepBatchNorm(nn.Module):
             factor = torch.full_like(n, self.momentum)[:, None]
         self.running_mean[rows] += factor * (mean[inside] - self.running_mean[rows])
         self.running_var[rows] += factor * (unbiased - self.running_var[rows])
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable all-reduce (sum): the gradient of a sum over processes with respect
+    to each process's term is the sum of the processes' incoming gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group: object) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        out = tensor.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
