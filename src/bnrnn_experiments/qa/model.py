@@ -41,7 +41,6 @@ values at padded positions, and their attention and its statistics ignore padded
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -488,18 +487,3 @@ class AttentiveReader(nn.Module):
         else:
             logits = self.output(g)  # (N, E)
         return logits.masked_fill(~candidates, float("-inf"))
-
-
-def build_attentive_reader(
-    vocab_size: int, num_entities: int, model: str, **kwargs: object
-) -> AttentiveReader:
-    """`AttentiveReader` (kept as a function so that the harness can build it by name)."""
-    return AttentiveReader(vocab_size, num_entities, model, **kwargs)  # type: ignore[arg-type]
-
-
-def accuracy(logits: Tensor, answer: Tensor) -> float:
-    return float((logits.argmax(-1) == answer).float().mean())
-
-
-def param_names(module: nn.Module) -> Sequence[str]:
-    return [n for n, _ in module.named_parameters()]
