@@ -20,6 +20,7 @@ def _model(norm, **kw):
     return m
 
 
+@pytest.mark.filterwarnings("ignore:training on step")  # T=6 > max_length=5 on purpose
 @pytest.mark.parametrize("norm", NORMS)
 def test_training_mode_matches_equations(norm):
     m = _model(norm)
@@ -103,6 +104,7 @@ def test_bnrnn_matches_equations():
     torch.testing.assert_close(h_n[0], h)
 
 
+@pytest.mark.filterwarnings("ignore:training on step")  # T=7 > max_length=5 on purpose
 @pytest.mark.parametrize("norm", NORMS)
 def test_cell_matches_layer_step_by_step(norm):
     torch.manual_seed(3)
