@@ -186,10 +186,11 @@ def test_bnrnn_nonlinearity_and_lengths(backend, nonlinearity):
     _compare(_run(ref, x, True, lengths), _run(fused, x, True, lengths), torch.float64)
 
 
-def test_update_population_stats_and_no_grad(backend):
+@pytest.mark.parametrize("norm", ["cooijmans", "input", "preactivation", None])
+def test_update_population_stats_and_no_grad(backend, norm):
     """The `collecting` flag (batch statistics in eval mode), and the no-grad forward."""
     torch.manual_seed(3)
-    ref = bnrnn.BNLSTM(3, 5, max_length=6, impl="reference", dtype=torch.float64)
+    ref = bnrnn.BNLSTM(3, 5, norm=norm, max_length=6, impl="reference", dtype=torch.float64)
     fused = copy.deepcopy(ref)
     fused.impl = "fused"
     batches = [torch.randn(6, 4, 3, dtype=torch.float64) for _ in range(3)]

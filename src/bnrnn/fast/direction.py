@@ -154,12 +154,6 @@ def fast_direction(
         return None if bn is None else bn.weight
 
     cfg = _Config(plan, p, time_offset, _use_compiled(x))
-    plan.inline_ih = (
-        cfg.ext is not None
-        and x.shape[2] <= INLINE_MAX_INPUT
-        and not plan.has_pre
-        and not plan.ih_seq
-    )
     inputs = (
         x,
         h0,
@@ -173,7 +167,15 @@ def fast_direction(
         gamma(p.bn_c),
         None if p.bn_c is None else p.bn_c.bias,
     )
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    # "preactivation" keeps xhat of the whole pre-activation in WX for the backward.
+    plan.inline_ih = (
+        cfg.ext is not None
+        and x.shape[2] <= INLINE_MAX_INPUT
+        and not (plan.has_pre and needs_grad)
+        and not plan.ih_seq
+    )
+    if needs_grad:
         out, h_n, c_n = _FastDirection.apply(cfg, *inputs)
     else:
         plan.save = False
