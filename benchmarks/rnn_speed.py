@@ -213,7 +213,9 @@ def main() -> None:
     variants = [v for v in VARIANTS if not (args.no_reference and v == "reference")]
     print(
         f"torch {torch.__version__}, {args.threads} threads, float32; times: best of "
-        f"{args.rounds} interleaved rounds (reference: {args.ref_rounds}); ratios to nn.LSTM"
+        f"{args.rounds} interleaved rounds"
+        + ("" if args.no_reference else f" (reference: {args.ref_rounds})")
+        + "; ratios to nn.LSTM"
     )
     from bnrnn.fast import compiled
 
