@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import os
 import shutil
 import struct
 import tarfile
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness_helpers import REAL_DATA
 
 from bnrnn_experiments.data import (
     DATA_DIR_ENV,
@@ -47,16 +47,6 @@ from bnrnn_experiments.data.ptb import PTB_TARBALL_URL, PTB_WORD_FALLBACK_URL
 from bnrnn_experiments.data.text8 import TEXT8_URL
 
 # ---------------------------------------------------------------------------- fixtures
-
-
-def _real_data_dir() -> Path:
-    override = os.environ.get("BNRNN_TEST_DATA_DIR")
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-
-REAL_DATA = _real_data_dir()
 
 
 @pytest.fixture

@@ -16,9 +16,7 @@ import csv
 import gzip
 import json
 import math
-import random
 import struct
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -69,19 +67,6 @@ def fake_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for prefix in ("train", "t10k"):
         _idx(root / "mnist" / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (8, 28, 28)))
         _idx(root / "mnist" / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, (8,)))
-    return root
-
-
-@pytest.fixture(scope="module")
-def fake_text8(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A data directory with a small text8.zip (a-z and space)."""
-    root = tmp_path_factory.mktemp("text8data")
-    rng = random.Random(0)
-    words = ["the", "of", "and", "one", "zero", "nine", "in", "a", "to", "is", "batch", "norm"]
-    text = " ".join(rng.choice(words) for _ in range(8000))[:30000]
-    (root / "text8").mkdir()
-    with zipfile.ZipFile(root / "text8" / "text8.zip", "w") as zf:
-        zf.writestr("text8", text)
     return root
 
 
@@ -382,7 +367,7 @@ def test_population_stats_command(tiny_run: tuple[Path, dict], tmp_path: Path) -
 
 
 @pytest.fixture(scope="module")
-def text8_runs(fake_text8: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def text8_runs(fake_text8_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Dry runs of a BN-LSTM and an LSTM character model on the fake text8."""
     from bnrnn_experiments.config import make_config
     from bnrnn_experiments.train import train
@@ -395,7 +380,7 @@ def text8_runs(fake_text8: Path, tmp_path_factory: pytest.TempPathFactory) -> di
             model,
             "quick",
             dry_run=True,
-            data_dir=str(fake_text8),
+            data_dir=str(fake_text8_dir),
             verify_data=False,
             seq_len=10,
         )
@@ -405,12 +390,12 @@ def text8_runs(fake_text8: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 
 
 def test_length_generalization_matches_the_harness_evaluation(
-    text8_runs: dict[str, Path], fake_text8: Path
+    text8_runs: dict[str, Path], fake_text8_dir: Path
 ) -> None:
     from bnrnn_experiments.evaluate import load_run_model
 
     cfg, task, model, _ = load_run_model(
-        text8_runs["bnlstm"], "best", {"data_dir": str(fake_text8)}
+        text8_runs["bnlstm"], "best", {"data_dir": str(fake_text8_dir)}
     )
     for L in (10, 25):
         ours, chars = lg.bpc_at_length(model, task.splits["valid"], L, cfg.eval_batch_size)
@@ -429,7 +414,7 @@ def test_length_generalization_matches_the_harness_evaluation(
 
 
 def test_length_generalization_command(
-    text8_runs: dict[str, Path], fake_text8: Path, tmp_path: Path
+    text8_runs: dict[str, Path], fake_text8_dir: Path, tmp_path: Path
 ) -> None:
     argv = [
         "length-generalization",
@@ -441,7 +426,7 @@ def test_length_generalization_command(
         "400",
         "--batch-stats",
         "--data-dir",
-        str(fake_text8),
+        str(fake_text8_dir),
         "--out",
         str(tmp_path),
     ]
@@ -459,7 +444,7 @@ def test_length_generalization_command(
     assert all(v["train_length"] == 10 for v in runs.values())
 
 
-def test_gamma_sensitivity_launches_and_reuses_runs(fake_text8: Path, tmp_path: Path) -> None:
+def test_gamma_sensitivity_launches_and_reuses_runs(fake_text8_dir: Path, tmp_path: Path) -> None:
     runs_dir, out = tmp_path / "runs", tmp_path / "figs"
     argv = [
         "gamma-sensitivity",
@@ -473,7 +458,7 @@ def test_gamma_sensitivity_launches_and_reuses_runs(fake_text8: Path, tmp_path: 
         "--set",
         "verify-data=false",
         "--data-dir",
-        str(fake_text8),
+        str(fake_text8_dir),
         "--runs-dir",
         str(runs_dir),
         "--out",
