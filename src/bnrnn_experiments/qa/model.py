@@ -234,21 +234,13 @@ class PaddedReverseBNLSTM(nn.Module):
 
 @torch.no_grad()
 def _track_steps(bn: StepBatchNorm, stats: list[tuple[Tensor, Tensor]], n: int) -> None:
-    """Fold the batch statistics of steps 0..len(stats)-1 (each over ``n`` rows) into the
-    population rows of ``bn``, as `StepBatchNorm` does (unbiased variance stored; momentum
-    None: cumulative average). Steps beyond ``max_length`` are not tracked (SPEC)."""
-    k = min(len(stats), bn.max_length)
-    if k == 0:
+    """Fold the batch statistics (mean, biased variance) of steps 0..len(stats)-1, each over
+    ``n`` rows, into the population rows of ``bn`` in one call of its own update rule."""
+    if not stats:
         return
-    mean = torch.stack([m for m, _ in stats[:k]])  # (k, F)
-    var = torch.stack([v for _, v in stats[:k]]) * (n / (n - 1))
-    bn.num_batches_tracked[:k] += 1
-    if bn.momentum is None:
-        factor = 1.0 / bn.num_batches_tracked[:k, None].to(mean.dtype)
-    else:
-        factor = torch.full((k, 1), bn.momentum, dtype=mean.dtype, device=mean.device)
-    bn.running_mean[:k] += factor * (mean - bn.running_mean[:k])
-    bn.running_var[:k] += factor * (var - bn.running_var[:k])
+    mean = torch.stack([m for m, _ in stats])  # (k, F)
+    var = torch.stack([v for _, v in stats])
+    bn._track(torch.arange(len(stats)), mean, var, [n] * len(stats))
 
 
 class BiEncoder(nn.Module):
