@@ -20,7 +20,9 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import bnrnn
 from bnrnn import fast
 
-BACKENDS = ["compiled", "python"]
+# "compiled-blocks": the compiled loops with every step split by hidden units over two
+# threads (blocks of 16 units, the last one partial), as large layers run.
+BACKENDS = ["compiled", "compiled-blocks", "python"]
 # Tolerances relative to the largest magnitude of each compared tensor: float32 BN through
 # steps with two or three sequences amplifies rounding (both paths are equally affected).
 TOL = {torch.float64: (1e-9, 1e-7), torch.float32: (1e-5, 2e-3)}
@@ -42,8 +44,18 @@ def backend(request, monkeypatch):
     monkeypatch.setattr(fast.direction, "MIN_CHUNK", 1)
     monkeypatch.setattr(fast.direction, "EVAL_CHUNK", 3)
     previous = fast.get_backend()
-    fast.set_backend(request.param)
+    threads = torch.get_num_threads()
+    fast.set_backend("python" if request.param == "python" else "compiled")
+    if request.param == "compiled-blocks":
+        from bnrnn.fast import compiled
+
+        compiled.load()
+        torch.set_num_threads(2)
+        macs = compiled.set_block_macs(1)
     yield request.param
+    if request.param == "compiled-blocks":
+        compiled.set_block_macs(macs)
+        torch.set_num_threads(threads)
     fast.set_backend(previous)
 
 
@@ -60,7 +72,8 @@ def _randomise(model: torch.nn.Module) -> None:
 
 def _pair(cls, dtype, **kw):
     torch.manual_seed(0)
-    ref = cls(3, 5, impl="reference", dtype=dtype, **kw)
+    # 20 hidden units: two blocks of the compiled loops (16 + 4 units)
+    ref = cls(3, 20, impl="reference", dtype=dtype, **kw)
     _randomise(ref)
     fused = copy.deepcopy(ref)
     fused.impl = "fused"
@@ -154,14 +167,14 @@ def test_padded_full_length_and_initial_state(backend, norm, input_stats):
     flow into it), one direction, float32 at a training-sized batch."""
     torch.manual_seed(1)
     ref = bnrnn.BNLSTM(
-        12, 16, norm=norm, input_stats=input_stats, batch_first=True, impl="reference"
+        12, 24, norm=norm, input_stats=input_stats, batch_first=True, impl="reference"
     )
     _randomise(ref)
     fused = copy.deepcopy(ref)
     fused.impl = "fused"
     x = torch.randn(8, 9, 12)
-    h0 = torch.randn(1, 8, 16, requires_grad=True)
-    c0 = torch.randn(1, 8, 16, requires_grad=True)
+    h0 = torch.randn(1, 8, 24, requires_grad=True)
+    c0 = torch.randn(1, 8, 24, requires_grad=True)
     for train in (True, False):
         r1 = _run(ref, x, train, hx=(h0, c0))
         g1 = (h0.grad.clone(), c0.grad.clone())

@@ -38,8 +38,8 @@ _ORDER = (
     # backward
     "dOUT", "dh", "dc", "DWX", "DWH", "w_hh",
     "gs_sum", "gs_ih", "gs_hh", "gs_pre", "gs_c", "gs_b_c",
-    # the inline input projection (Plan.inline_ih), then the packed recurrent weight
-    "x", "w_ihT", "w_ih", "XS", "gs_w_ihT", "dX", "packed",
+    # the input projection inside the loop (Plan.inline_ih, Plan.step_ih)
+    "x", "w_ihT", "w_ih", "XS", "gs_w_ihT", "dX",
 )
 # fmt: on
 
@@ -52,7 +52,12 @@ _CFLAGS = [
     "-fno-math-errno",
     "-fno-trapping-math",
     "-std=c++17",
+    # at::parallel_for is a header template whose `#pragma omp parallel` is compiled here:
+    # without -fopenmp it silently runs serially. Linking names libgomp.so.1, which the
+    # loader resolves to the copy torch has already loaded (same soname, one thread pool).
+    "-fopenmp",
 ]
+_LDFLAGS = ["-fopenmp"]
 _lock = threading.Lock()
 _module: Any = None
 _error: BaseException | None = None
@@ -76,7 +81,7 @@ def build_name() -> str:
     h.update(SOURCE.read_bytes())
     h.update(torch.__version__.encode())
     h.update(_cpu_tag().encode())
-    h.update(" ".join(_CFLAGS).encode())
+    h.update(" ".join(_CFLAGS + _LDFLAGS).encode())
     return f"bnrnn_fast_{h.hexdigest()[:16]}"
 
 
@@ -107,6 +112,7 @@ def load() -> Any:
                 name=build_name(),
                 sources=[str(SOURCE)],
                 extra_cflags=_CFLAGS,
+                extra_ldflags=_LDFLAGS,
                 is_python_module=False,
                 verbose=os.environ.get("BNRNN_BUILD_VERBOSE") == "1",
             )
@@ -138,6 +144,13 @@ def set_gemm(name: str) -> bool:
     return bool(torch.ops.bnrnn_fast.set_gemm(name))
 
 
+def set_block_macs(macs: int) -> int:
+    """Multiply-adds of a step's GEMM per thread below which the step runs on one thread
+    (the compiled loops split larger steps by hidden units, one block per thread).
+    Returns the previous value; for tests and tuning."""
+    return int(torch.ops.bnrnn_fast.set_block_macs(macs))
+
+
 class _Ops:
     """Calls the compiled loops with the arguments of `bnrnn.fast.loops`."""
 
@@ -156,6 +169,7 @@ class _Ops:
             b.OUT.shape[1],
             int(plan.inline_ih),
             plan.wx_base,
+            int(plan.step_ih),
         ]
 
     @staticmethod
@@ -165,7 +179,7 @@ class _Ops:
             for name in ("WX", "XH", "ACT", "OUT", "h0", "C", "TC", "c0", "bias")
         }
         ts.update(g_ih=b.g_ih, g_hh=b.g_hh, g_pre=b.g_pre, g_c=b.g_c, b_c=b.b_c)
-        ts.update(x=b.x, w_ihT=b.w_ihT, w_ih=b.w_ih, XS=b.XS, dX=b.dX, packed=b.packed)
+        ts.update(x=b.x, w_ihT=b.w_ihT, w_ih=b.w_ih, XS=b.XS, dX=b.dX)
         for key in ("ih", "hh", "pre", "c"):
             ts[f"M_{key}"] = b.M.get(key)
             ts[f"V_{key}"] = b.V.get(key)
@@ -188,11 +202,6 @@ class _Ops:
         torch.ops.bnrnn_fast.backward_loop(
             self._cfg(plan, b), list(plan.eps), plan.sizes, self._tensors(plan, b, True), t0, t1
         )
-
-    @staticmethod
-    def pack(B: Tensor, max_m: int) -> Tensor:
-        """B (k, n) in MKL's packed layout for the per-step GEMM (empty: use at::mm)."""
-        return torch.ops.bnrnn_fast.pack_b(B, max_m)
 
 
 def _contiguous(t: Tensor | None) -> Tensor | None:

@@ -100,7 +100,7 @@ INLINE_MAX_INPUT = 8
 # The backward holds the gradients of W_ih x and W_hh h for chunks of
 # max(MIN_CHUNK, ceil(T / 4)) steps at a time (see _FastDirection.backward).
 MIN_CHUNK = 16
-# Steps per W_ih x GEMM in a forward without backward.
+# Steps per W_ih x GEMM in a forward without backward (Python loops).
 EVAL_CHUNK = 32
 
 
@@ -268,10 +268,13 @@ def _forward(
     lstm = plan.kind == LSTM
     save = plan.save
     S = T if save else 1
-    # Without a backward, W_ih x is computed EVAL_CHUNK steps at a time into a buffer that
-    # stays in cache (sequence-wise statistics need all steps at once).
-    chunked = not save and not plan.inline_ih and not plan.ih_seq and T > EVAL_CHUNK
-    if plan.inline_ih:  # W_ih x_t is computed inside each step
+    # Without a backward, W_ih x is computed per step inside the compiled loop (read back from
+    # L1/L2), or EVAL_CHUNK steps at a time by the Python loops (sequence-wise statistics
+    # need all steps at once).
+    plan.step_ih = not save and not plan.inline_ih and not plan.ih_seq and cfg.ext is not None
+    chunked = not save and not plan.inline_ih and not plan.ih_seq and not plan.step_ih
+    chunked = chunked and T > EVAL_CHUNK
+    if plan.inline_ih or plan.step_ih:  # W_ih x_t is computed inside each step
         WX = x.new_empty(1, N, G)
     elif chunked:
         WX = x.new_empty(EVAL_CHUNK, N, G)
@@ -293,11 +296,9 @@ def _forward(
         g_c=g_c,
         b_c=b_c,
     )
-    if plan.inline_ih:
+    if plan.inline_ih or plan.step_ih:
         b.x = x.contiguous()
         b.w_ihT = w_ih.t().contiguous()
-    if cfg.ext is not None:  # W_hh^T packed once for every step (and both segments)
-        b.packed = cfg.ext.pack(b.whT, N)
     if lstm:
         b.C = new(S, N, H)
         b.TC = new(S, N, H)
@@ -439,8 +440,6 @@ class _FastDirection(torch.autograd.Function):
             b.grads["b_c"] = zeros(H)
         if plan.inline_ih:
             b.grads["w_ihT"] = zeros(I, G)
-        if cfg.ext is not None:
-            b.packed = cfg.ext.pack(b.w_hh, N)
         dx = x.new_empty(T, N, I) if (need[0] and not plan.inline_ih) else None
         dw_ih = zeros(G, I) if (need[3] and not plan.inline_ih) else None
         dw_hh = zeros(G, H) if need[4] else None

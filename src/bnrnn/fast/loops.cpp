@@ -99,7 +99,9 @@ struct Mkl {
   pack_size_fn size = nullptr;
   pack_fn pack = nullptr;
   compute_fn compute = nullptr;
+  int (*set_local)(int) = nullptr;  // MKL threads of the calling thread (0: global setting)
   Mkl() {
+    set_local = reinterpret_cast<int (*)(int)>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
     size = reinterpret_cast<pack_size_fn>(dlsym(RTLD_DEFAULT, "cblas_sgemm_pack_get_size"));
     pack = reinterpret_cast<pack_fn>(dlsym(RTLD_DEFAULT, "cblas_sgemm_pack"));
     compute = reinterpret_cast<compute_fn>(dlsym(RTLD_DEFAULT, "cblas_sgemm_compute"));
@@ -113,45 +115,82 @@ const Mkl& mkl() {
 }
 
 bool g_use_packed = true;  // set_gemm("packed" | "mm")
-int64_t g_grain = 8000;     // elements per thread in the fused step (set_grain)
 
-struct Gemm {
-  at::Tensor B;       // (k, n) contiguous
-  at::Tensor packed;  // MKL packed copy of B, or undefined
-  int64_t k, n;
-  // packed_: from pack_b() (reused over calls), or undefined to pack here if possible
-  Gemm(const at::Tensor& B_, int64_t max_m, const c10::optional<at::Tensor>& packed_)
-      : B(B_.contiguous()), k(B_.size(0)), n(B_.size(1)) {
-    if (packed_.has_value() && packed_->defined()) {
-      if (packed_->numel() > 0) packed = *packed_;
-    } else {
-      packed = pack(B, max_m);
+// The forward's per-step GEMM split by hidden units: block p owns units [j0, j1) and
+// computes the columns of its four gates (k H + j0 .. k H + j1) itself, then the gate and
+// BN work of the same units, so each thread reads back what it just wrote (L1/L2) and keeps
+// its slice of W_hh in its own L2 across steps. One fork-join per step.
+struct Blocks {
+  std::vector<int64_t> j0, j1;
+  Blocks(int64_t H, int64_t n_blocks) {
+    // boundaries on multiples of 16 units (a 64-byte line of floats)
+    const int64_t w = std::max<int64_t>(16, (H / n_blocks + 15) / 16 * 16);
+    for (int64_t a = 0; a < H; a += w) j0.push_back(a), j1.push_back(std::min(H, a + w));
+  }
+  int64_t size() const { return (int64_t)j0.size(); }
+};
+
+typedef int (*set_local_fn)(int);
+
+struct BlockGemm {
+  // C[:, k S + j0 : k S + j1] = A @ B[:, k S + j0 : k S + j1] for k < gates, block p: the
+  // forward's h_{t-1} W_hh^T (B = W_hh^T (H, G), S = H, four gates) or the backward's
+  // dh_{t-1} = da_t W_hh (B = W_hh (G, H), one "gate").
+  at::Tensor B;  // (K, L) contiguous
+  int64_t K, L, S, gates;
+  const Blocks* blocks;
+  std::vector<at::Tensor> packed;  // [p * gates + k], MKL packed, or empty: at::mm
+  BlockGemm(const at::Tensor& B_, int64_t S_, int64_t gates_, const Blocks& bl, int64_t max_m)
+      : B(B_.contiguous()), K(B_.size(0)), L(B_.size(1)), S(S_), gates(gates_), blocks(&bl) {
+    const bool use = g_use_packed && B.scalar_type() == at::kFloat && mkl().ok() && max_m > 0;
+    for (int64_t p = 0; p < bl.size() && use; ++p) {
+      const int64_t w = bl.j1[p] - bl.j0[p];
+      for (int64_t k = 0; k < gates; ++k) {
+        size_t bytes = mkl().size(162, (int)max_m, (int)w, (int)K);
+        at::Tensor out = at::empty({(int64_t)(bytes / sizeof(float)) + 16}, B.options());
+        mkl().pack(101, 162, 111, (int)max_m, (int)w, (int)K, 1.0f,
+                   B.data_ptr<float>() + k * S + bl.j0[p], (int)L, out.data_ptr<float>());
+        packed.push_back(out);
+      }
     }
   }
-  static at::Tensor pack(const at::Tensor& B, int64_t max_m) {
-    if (!(g_use_packed && B.scalar_type() == at::kFloat && mkl().ok() && max_m > 0))
-      return at::empty({0}, B.options());
-    const int64_t k = B.size(0), n = B.size(1);
-    // CblasRowMajor = 101, CblasBMatrix = 162, CblasNoTrans = 111
-    size_t bytes = mkl().size(162, (int)max_m, (int)n, (int)k);
-    at::Tensor out = at::empty({(int64_t)(bytes / sizeof(float)) + 16}, B.options());
-    mkl().pack(101, 162, 111, (int)max_m, (int)n, (int)k, 1.0f, B.data_ptr<float>(), (int)n,
-               out.data_ptr<float>());
-    return out;
-  }
-  // C rows [0, m) = A rows [0, m) @ B; A and C row-major with leading dims k and n.
-  void run(const at::Tensor& A, at::Tensor C, int64_t m) const {
+  // A: m rows of K (leading dim K); C: m rows, leading dim L. Called inside a parallel
+  // region: the GEMM itself runs on this thread.
+  template <typename T> void run(int64_t p, const T* A, T* C, int64_t m) const {
     if (m == 0) return;
-    if (packed.defined() && packed.numel() > 0) {
-      // CblasNoTrans = 111 for A, CblasPacked = 151 for B
-      mkl().compute(101, 111, 151, (int)m, (int)n, (int)k, A.data_ptr<float>(), (int)k,
-                    packed.data_ptr<float>(), (int)n, 0.0f, C.data_ptr<float>(), (int)n);
-    } else {
-      at::Tensor out = C.narrow(0, 0, m);
-      at::mm_out(out, A.narrow(0, 0, m), B);
+    const int64_t j0 = blocks->j0[p], w = blocks->j1[p] - j0;
+    for (int64_t k = 0; k < gates; ++k) {
+      if (!packed.empty()) {
+        mkl().compute(101, 111, 151, (int)m, (int)w, (int)K, reinterpret_cast<const float*>(A),
+                      (int)K, packed[p * gates + k].data_ptr<float>(), (int)w, 0.0f,
+                      reinterpret_cast<float*>(C) + k * S + j0, (int)L);
+      } else {
+        auto opt = B.options();
+        at::Tensor a = at::from_blob(const_cast<T*>(A), {m, K}, opt);
+        at::Tensor c = at::from_blob(C + k * S + j0, {m, w}, {L, 1}, opt);
+        at::mm_out(c, a, B.narrow(1, k * S + j0, w));
+      }
     }
   }
 };
+
+int64_t g_block_macs = 1 << 22;  // multiply-adds of a step's GEMM per block (set_block_macs)
+
+// As many blocks as threads when the step's GEMM (macs multiply-adds) is large enough to
+// share: below that, a fork-join and moving the step's data between cores cost more.
+inline int64_t n_blocks(int64_t macs) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), macs / g_block_macs));
+}
+
+// Runs f(p) for each block on its own thread, with MKL limited to that thread (a single
+// block too: MKL's threads cost more than they save on a GEMM this small).
+template <typename F> void for_blocks(const Blocks& bl, const F& f) {
+  at::parallel_for(0, bl.size(), 1, [&](int64_t b0, int64_t b1) {
+    const int old = mkl().set_local ? mkl().set_local(1) : 0;
+    for (int64_t p = b0; p < b1; ++p) f(p);
+    if (mkl().set_local) mkl().set_local(old);
+  });
+}
 
 // ---------------------------------------------------------------------------------------
 // Arguments
@@ -175,7 +214,7 @@ enum Fwd {
   WX, XH, ACT, OUT, H0, WHT, C, TC, C0, BIAS, G_IH, G_HH, G_PRE, G_C, B_C,
   M_IH, V_IH, M_HH, V_HH, M_PRE, V_PRE, M_C, V_C, B_IH, B_HH, B_PRE, B_C_FLAGS,
   D_OUT, D_H, D_C, DWX, DWH, W_HH, GS_SUM, GS_IH, GS_HH, GS_PRE, GS_C, GS_BC,
-  X_IN, W_IHT, W_IH, XS, GS_WIHT, D_X, PACKED, N_TENSORS
+  X_IN, W_IHT, W_IH, XS, GS_WIHT, D_X, N_TENSORS
 };
 
 struct Ctx {
@@ -186,6 +225,9 @@ struct Ctx {
   bool inline_ih = false;
   // The forward's WX, and the backward's DWX and DWH, hold steps [base, ...) of a chunk.
   int64_t base = 0;
+  // Forward without backward: W_ih x_t is computed at each step by the blocks (BlockGemm)
+  // from x (T, N, I) and W_ih^T (I, G) into a one-step WX, read back from L1/L2.
+  bool step_ih = false;
   std::vector<int64_t> sizes;
   std::vector<c10::optional<at::Tensor>> ts;
   Norm ih, hh, pre, c;
@@ -205,10 +247,11 @@ struct Ctx {
     N = cfg[9];
     inline_ih = cfg.size() > 10 && cfg[10];
     base = cfg.size() > 11 ? cfg[11] : 0;
+    step_ih = cfg.size() > 12 && cfg[12];
     T = (int64_t)sizes.size();
     for (size_t i = 0; i < list.size(); ++i) ts.push_back(list.get(i));
     ts.resize(N_TENSORS);
-    if (inline_ih) I = ts[X_IN]->size(2);
+    if (inline_ih || step_ih) I = ts[X_IN]->size(2);
     setup(ih, has_ih, M_IH, V_IH, B_IH, G, eps[0], ih_seq);
     setup(hh, has_hh, M_HH, V_HH, B_HH, G, eps[1], false);
     setup(pre, has_pre, M_PRE, V_PRE, B_PRE, G, eps[2], false);
@@ -293,7 +336,7 @@ void forward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1) {
   const int64_t H = x.H, G = x.G, N = x.N;
   const int64_t s = x.save ? t : 0;
   const int64_t gates = G / H;
-  T* wx = x.ptr<T>(WX) + (x.inline_ih ? 0 : t - x.base) * N * G;
+  T* wx = x.ptr<T>(WX) + (x.inline_ih || x.step_ih ? 0 : t - x.base) * N * G;
   T* wh = x.ptr<T>(XH) + (x.has_hh ? s : 0) * N * G;
   T* act = x.ptr<T>(ACT) + (x.kind == LSTM ? s : 0) * N * G;
   T* out = x.ptr<T>(OUT) + t * N * H;
@@ -442,24 +485,23 @@ void forward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1) {
   }
 }
 
-int64_t grain_for(int64_t n, int64_t G, int64_t H) {
-  // Split the hidden units over threads only when a step has enough work.
-  const int64_t per_unit = std::max<int64_t>(1, n * (G / H + 1));
-  return std::max<int64_t>(16, g_grain / per_unit);
-}
-
 template <typename T>
 void forward_impl(Ctx& x, int64_t t0, int64_t t1) {
   const int64_t N = x.N, H = x.H, G = x.G;
-  Gemm gemm(x.at_(WHT), N, x.ts[PACKED]);
+  Blocks bl(H, n_blocks(N * G * (H + (x.step_ih ? x.I : 0))));
+  BlockGemm gh(x.at_(WHT), H, G / H, bl, N);
+  c10::optional<BlockGemm> gi;
+  if (x.step_ih) gi.emplace(x.at_(W_IHT), H, G / H, bl, N);
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n = x.sizes[t];
     const int64_t s = x.save ? t : 0;
-    at::Tensor h_prev = t == 0 ? x.at_(H0) : x.at_(OUT).select(0, t - 1);
-    at::Tensor wh = x.at_(XH).select(0, x.has_hh ? s : 0);
-    gemm.run(h_prev, wh, n);
-    at::parallel_for(0, H, grain_for(n, G, H), [&](int64_t j0, int64_t j1) {
-      forward_block<T>(x, t, n, j0, j1);
+    const T* h_prev = t == 0 ? x.ptr<T>(H0) : x.ptr<T>(OUT) + (t - 1) * N * H;
+    T* wh = x.ptr<T>(XH) + (x.has_hh ? s : 0) * N * G;
+    const T* x_t = x.step_ih ? x.ptr<T>(X_IN) + t * N * x.I : nullptr;
+    for_blocks(bl, [&](int64_t p) {
+      gh.run<T>(p, h_prev, wh, n);
+      if (gi) gi->run<T>(p, x_t, x.ptr<T>(WX), n);
+      forward_block<T>(x, t, n, bl.j0[p], bl.j1[p]);
     });
   }
 }
@@ -540,6 +582,32 @@ void bn_backward_cols(Ctx& x, int64_t t, int64_t n, int64_t col, int64_t w, T* _
   for (int64_t r = n; r < N; ++r) std::memset(da + r * G, 0, w * sizeof(T));
 }
 
+// One row of an LSTM step's backward, w units: from the gate activations a (i, f, g, o at
+// offsets 0, H, 2H, 3H), tr = tanh(BN(c_t)), dL/dh_t from the output (dr) and from step
+// t + 1 (hr), c_t (cr), c_{t-1} (cp) and dL/d(BN(c_t)) (sr): d, the gradients of the four
+// pre-activations, and dcr, dL/dc_t from step t + 1 in, dL/dc_{t-1} out. Out of line with
+// restrict parameters and BN(c) as a template flag, so that gcc vectorises it.
+template <typename T, bool BN_C>
+__attribute__((noinline)) void lstm_gate_grads(
+    int64_t w, int64_t H, const T* __restrict__ a, const T* __restrict__ tr,
+    const T* __restrict__ dr, const T* __restrict__ hr, const T* __restrict__ cr,
+    const T* __restrict__ cp, const T* __restrict__ sr, T* __restrict__ dcr, T* __restrict__ d,
+    const T* __restrict__ m1, const T* __restrict__ m2, const T* __restrict__ mu,
+    const T* __restrict__ rs, const T* __restrict__ sc) {
+  for (int64_t j = 0; j < w; ++j) {
+    T dcb = sr[j];
+    if (BN_C) dcb = (dcb - m1[j] - (cr[j] - mu[j]) * rs[j] * m2[j]) * sc[j];
+    const T dc = dcr[j] + dcb;
+    const T i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
+    const T dh = dr[j] + hr[j];
+    d[j] = dc * g * i * (T(1) - i);
+    d[H + j] = dc * cp[j] * f * (T(1) - f);
+    d[2 * H + j] = dc * i * (T(1) - g * g);
+    d[3 * H + j] = dh * tr[j] * o * (T(1) - o);
+    dcr[j] = dc * f;
+  }
+}
+
 template <typename T>
 void backward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1, T* scratch) {
   const int64_t H = x.H, G = x.G, N = x.N;
@@ -607,27 +675,10 @@ void backward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1, T* scr
         }
       }
       for (int64_t r = 0; r < n; ++r) {
-        const T* a = act + r * G + ja;
-        const T* tr = tc + r * H + ja;
-        const T* dr = dout + r * H + ja;
-        const T* hr = dh_buf + r * H + ja;
-        const T* cr = c + r * H + ja;
-        const T* cp = c_prev + r * H + ja;
-        T* dcr = dc_buf + r * H + ja;
-        const T* sr = scratch + r * CHUNK;
-        T* d = da + r * G + ja;
-        for (int64_t j = 0; j < w; ++j) {
-          T dcb = sr[j];
-          if (x.has_c) dcb = (dcb - m1[j] - (cr[j] - mu[j]) * rs[j] * m2[j]) * sc[j];
-          T dc = dcr[j] + dcb;
-          T i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
-          T dh = dr[j] + hr[j];
-          d[j] = dc * g * i * (T(1) - i);
-          d[H + j] = dc * cp[j] * f * (T(1) - f);
-          d[2 * H + j] = dc * i * (T(1) - g * g);
-          d[3 * H + j] = dh * tr[j] * o * (T(1) - o);
-          dcr[j] = dc * f;
-        }
+        const int64_t o = r * H + ja;
+        auto kernel = x.has_c ? lstm_gate_grads<T, true> : lstm_gate_grads<T, false>;
+        kernel(w, H, act + r * G + ja, tc + o, dout + o, dh_buf + o, c + o, c_prev + o,
+               scratch + r * CHUNK, dc_buf + o, da + r * G + ja, m1, m2, mu, rs, sc);
       }
     } else {
       const T* h = x.ptr<T>(OUT) + t * N * H;
@@ -680,15 +731,18 @@ void backward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1, T* scr
 template <typename T>
 void backward_impl(Ctx& x, int64_t t0, int64_t t1) {
   const int64_t N = x.N, H = x.H, G = x.G;
-  Gemm gemm(x.at_(W_HH), N, x.ts[PACKED]);  // dh_{t-1} = dwh_t @ W_hh
-  at::Tensor dwh_all = x.at_(DWH);
-  at::Tensor dh = x.at_(D_H);
+  // Block p computes the gate and BN gradients of its units, then (after all blocks are
+  // done: the GEMM reads every column of da) its columns of dh_{t-1} = da_t W_hh, which
+  // are what it reads at the next step.
+  Blocks bl(H, n_blocks(N * G * H));
+  BlockGemm gh(x.at_(W_HH), 0, 1, bl, N);
+  T* dh = x.ptr<T>(D_H);
   x.base = t0;
   for (int64_t t = t1 - 1; t >= t0; --t) {
     const int64_t n = x.sizes[t];
-    at::parallel_for(0, H, grain_for(n, G, H), [&](int64_t j0, int64_t j1) {
+    for_blocks(bl, [&](int64_t p) {
       std::vector<T> scratch(n * CHUNK);
-      backward_block<T>(x, t, n, j0, j1, scratch.data());
+      backward_block<T>(x, t, n, bl.j0[p], bl.j1[p], scratch.data());
     });
     if (x.inline_ih && x.ts[D_X].has_value() && x.ts[D_X]->defined() && n > 0) {
       at::Tensor dwx_t =
@@ -696,7 +750,8 @@ void backward_impl(Ctx& x, int64_t t0, int64_t t1) {
       at::Tensor dx_t = x.at_(D_X).select(0, t).narrow(0, 0, n);
       at::mm_out(dx_t, dwx_t, x.at_(W_IH));
     }
-    gemm.run(dwh_all.select(0, t - t0), dh, n);
+    const T* dwh = x.ptr<T>(DWH) + (t - t0) * N * G;
+    for_blocks(bl, [&](int64_t p) { gh.run<T>(p, dwh, dh, n); });
   }
 }
 
@@ -724,12 +779,9 @@ void backward_loop(at::IntArrayRef cfg, at::ArrayRef<double> eps, at::IntArrayRe
                              [&] { backward_impl<scalar_t>(x, t0, t1); });
 }
 
-// B (k, n) packed for row counts up to max_m (MKL), or an empty tensor (use at::mm).
-at::Tensor pack_b(const at::Tensor& B, int64_t max_m) { return Gemm::pack(B.contiguous(), max_m); }
-
-int64_t set_grain(int64_t grain) {
-  const int64_t old = g_grain;
-  if (grain > 0) g_grain = grain;
+int64_t set_block_macs(int64_t macs) {
+  const int64_t old = g_block_macs;
+  if (macs > 0) g_block_macs = macs;
   return old;
 }
 
@@ -745,7 +797,6 @@ TORCH_LIBRARY(bnrnn_fast, m) {
         &forward_loop);
   m.def("backward_loop(int[] cfg, float[] eps, int[] sizes, Tensor?[] tensors, int t0, int t1) -> ()",
         &backward_loop);
-  m.def("pack_b(Tensor B, int max_m) -> Tensor", &pack_b);
   m.def("set_gemm(str name) -> bool", &set_gemm);
-  m.def("set_grain(int grain) -> int", &set_grain);
+  m.def("set_block_macs(int macs) -> int", &set_block_macs);
 }

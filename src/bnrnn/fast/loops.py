@@ -51,6 +51,8 @@ class Plan:
     # compiled loops only: W_ih x_t computed inside the step from x (small input sizes)
     inline_ih: bool = False
     wx_base: int = 0  # WX holds steps wx_base, ... (the forward computes it in chunks)
+    # compiled loops only, forward without backward: W_ih x_t computed at each step
+    step_ih: bool = False
 
 
 @dataclass
@@ -94,7 +96,6 @@ class Buffers:
     w_ih: Tensor | None = None  # (G, I)
     XS: Tensor | None = None  # (1, N, G) scratch for xhat_ih in the backward
     dX: Tensor | None = None  # (T, N, I) grad of x, or None
-    packed: Tensor | None = None  # the compiled loops' packed GEMM operand, reused over calls
 
 
 def _normalise(plan: Plan, b: Buffers, key: str, z: Tensor, t: int, eps: float) -> Tensor:
