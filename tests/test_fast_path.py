@@ -39,8 +39,8 @@ PLACEMENTS = [
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    """Each loop backend; the backward in chunks of 2 steps and the no-grad forward's input
-    GEMM in chunks of 3 steps (several chunks per call)."""
+    """Each loop backend; the backward in chunks of 2 steps and the Python loops' no-grad
+    input GEMM in chunks of 3 steps (several chunks per call)."""
     monkeypatch.setattr(fast.direction, "MIN_CHUNK", 1)
     monkeypatch.setattr(fast.direction, "EVAL_CHUNK", 3)
     previous = fast.get_backend()

@@ -98,8 +98,10 @@ _COMPILED_DTYPES = (torch.float32, torch.float64)
 # MNIST has one input): a (T, N, G) buffer and a GEMM with K = 1 cost more than the step.
 INLINE_MAX_INPUT = 8
 # The backward holds the gradients of W_ih x and W_hh h for chunks of
-# max(MIN_CHUNK, ceil(T / 4)) steps at a time (see _FastDirection.backward).
+# max(MIN_CHUNK, ceil(T / CHUNKS)) steps at a time (see _FastDirection.backward): each of
+# these (K, N, G) buffers, and the recomputed xhat_ih, is 1 / CHUNKS of a saved one.
 MIN_CHUNK = 16
+CHUNKS = 8
 # Steps per W_ih x GEMM in a forward without backward (Python loops).
 EVAL_CHUNK = 32
 
@@ -208,7 +210,14 @@ def _fill_population(cfg: _Config, b: Buffers, key: str, t0: int, t1: int) -> No
     steps = [t for t in range(t0, t1) if not b.B[key][t]]
     if not steps:
         return
-    idx = torch.tensor(steps, device=b.M[key].device)
+    device = b.M[key].device
+    if len(steps) == t1 - t0:  # every step (evaluation): one gather into a slice
+        idx = torch.arange(t0, t1, device=device)
+        rows = (idx + cfg.time_offset).clamp_(max=bn.max_length - 1)
+        b.M[key][t0:t1] = bn.running_mean.index_select(0, rows)
+        b.V[key][t0:t1] = bn.running_var.index_select(0, rows)
+        return
+    idx = torch.tensor(steps, device=device)
     rows = (idx + cfg.time_offset).clamp(max=bn.max_length - 1)
     b.M[key][idx] = bn.running_mean[rows].to(b.M[key].dtype)
     b.V[key][idx] = bn.running_var[rows].to(b.V[key].dtype)
@@ -268,10 +277,15 @@ def _forward(
     lstm = plan.kind == LSTM
     save = plan.save
     S = T if save else 1
-    # Without a backward, W_ih x is computed per step inside the compiled loop (read back from
-    # L1/L2), or EVAL_CHUNK steps at a time by the Python loops (sequence-wise statistics
-    # need all steps at once).
-    plan.step_ih = not save and not plan.inline_ih and not plan.ih_seq and cfg.ext is not None
+    # The backward keeps W_ih x (normalised) only for "preactivation" (it holds xhat of the
+    # whole pre-activation) and sequence-wise statistics; otherwise it recomputes xhat_ih
+    # from x a chunk at a time. Then the compiled loop computes W_ih x_t at each step, each
+    # block its own columns (read back from L1/L2; one GEMM per chunk of steps measured no
+    # faster); the Python loops without a backward take EVAL_CHUNK steps at a time.
+    plan.keep_wx = save and (plan.has_pre or plan.ih_seq)
+    plan.step_ih = (
+        cfg.ext is not None and not plan.inline_ih and not plan.ih_seq and not plan.keep_wx
+    )
     chunked = not save and not plan.inline_ih and not plan.ih_seq and not plan.step_ih
     chunked = chunked and T > EVAL_CHUNK
     if plan.inline_ih or plan.step_ih:  # W_ih x_t is computed inside each step
@@ -301,7 +315,7 @@ def _forward(
         b.w_ihT = w_ih.t().contiguous()
     if lstm:
         b.C = new(S, N, H)
-        b.TC = new(S, N, H)
+        b.TC = new(1, N, H)  # tanh(BN(c_t)): the backward recomputes it
         b.c0 = c0.contiguous()
         if not save:
             b.C[0].copy_(c0)  # the running cell state, updated in place
@@ -347,16 +361,13 @@ def _forward(
 
 def _lengths(sizes: list[int], N: int) -> list[int]:
     """Length of each of the N sorted sequences from the batch sizes."""
-    lengths = [0] * N
-    for n in sizes:
-        for j in range(n):
-            lengths[j] += 1
-    return lengths
+    present = torch.tensor(sizes)[:, None] > torch.arange(N)[None, :]  # (T, N)
+    return present.sum(0).tolist()
 
 
 # -- the autograd function ----------------------------------------------------------------
 
-_SAVED = ("WX", "XH", "ACT", "C", "TC", "OUT")
+_SAVED = ("WX", "XH", "ACT", "C", "OUT")
 _STAT_KEYS = ("ih", "hh", "pre", "c")
 
 
@@ -370,6 +381,8 @@ class _FastDirection(torch.autograd.Function):
         ctx.has = [k in b.M for k in _STAT_KEYS]
         stats = [t for k in _STAT_KEYS if k in b.M for t in (b.M[k], b.V[k])]
         bufs = [getattr(b, name) for name in _SAVED]
+        if not cfg.plan.keep_wx:  # recomputed by the backward (or not needed)
+            bufs[0] = None
         ctx.has_buf = [t is not None for t in bufs]
         ctx.save_for_backward(*inputs, *[t for t in bufs if t is not None], *stats)
         if c_n is None:  # the RNN has no cell: an empty placeholder output
@@ -397,7 +410,6 @@ class _FastDirection(torch.autograd.Function):
             ACT=bufs["ACT"],
             OUT=bufs["OUT"],
             C=bufs["C"],
-            TC=bufs["TC"],
             h0=h0.contiguous(),
             c0=None if c0 is None else c0.contiguous(),
             whT=w_hh.t(),
@@ -428,7 +440,7 @@ class _FastDirection(torch.autograd.Function):
         # The backward runs in chunks of K steps: the gradients of W_ih x and W_hh h of a
         # chunk go into the weight gradients as one GEMM each, so only K steps of them are
         # held. Sequence-wise statistics need all steps first (one chunk).
-        K = T if plan.ih_seq else min(T, max(MIN_CHUNK, -(-T // 4)))
+        K = T if plan.ih_seq else min(T, max(MIN_CHUNK, -(-T // CHUNKS)))
         b.DWX = x.new_empty(1 if (plan.inline_ih and separate) else K, N, G)
         b.DWH = x.new_empty(K, N, G) if separate else b.DWX
         zeros = functools.partial(x.new_zeros, dtype=x.dtype)
@@ -443,9 +455,22 @@ class _FastDirection(torch.autograd.Function):
         dx = x.new_empty(T, N, I) if (need[0] and not plan.inline_ih) else None
         dw_ih = zeros(G, I) if (need[3] and not plan.inline_ih) else None
         dw_hh = zeros(G, H) if need[4] else None
+        wx_kept = b.WX
+        recompute = plan.has_ih and not plan.inline_ih and wx_kept is None
+        if wx_kept is None:
+            b.WX = x.new_empty(K if recompute else 1, N, G)
         for t1 in range(T, 0, -K):
             t0 = max(0, t1 - K)
             k = t1 - t0
+            # WX holds steps [t0, t1): xhat_ih recomputed from x as the forward computed it,
+            # or the kept buffer's steps.
+            if recompute:
+                z = b.WX[:k]
+                torch.mm(x[t0:t1].reshape(k * N, I), w_ih.t(), out=z.view(k * N, G))
+                rstd = torch.rsqrt(b.V["ih"][t0:t1, None] + plan.eps[0])
+                z.sub_(b.M["ih"][t0:t1, None]).mul_(rstd)
+            elif wx_kept is not None:
+                b.WX = wx_kept[t0:t1]
             if cfg.ext is not None:
                 cfg.ext.backward_loop(plan, b, t0, t1)
             else:

@@ -225,8 +225,8 @@ struct Ctx {
   bool inline_ih = false;
   // The forward's WX, and the backward's DWX and DWH, hold steps [base, ...) of a chunk.
   int64_t base = 0;
-  // Forward without backward: W_ih x_t is computed at each step by the blocks (BlockGemm)
-  // from x (T, N, I) and W_ih^T (I, G) into a one-step WX, read back from L1/L2.
+  // W_ih x_t computed at each step by the blocks (BlockGemm) from x (T, N, I) and
+  // W_ih^T (I, G) into a one-step WX, read back from L1/L2. Else WX is given.
   bool step_ih = false;
   std::vector<int64_t> sizes;
   std::vector<c10::optional<at::Tensor>> ts;
@@ -251,7 +251,7 @@ struct Ctx {
     T = (int64_t)sizes.size();
     for (size_t i = 0; i < list.size(); ++i) ts.push_back(list.get(i));
     ts.resize(N_TENSORS);
-    if (inline_ih || step_ih) I = ts[X_IN]->size(2);
+    if (ts[X_IN].has_value() && ts[X_IN]->defined()) I = ts[X_IN]->size(2);
     setup(ih, has_ih, M_IH, V_IH, B_IH, G, eps[0], ih_seq);
     setup(hh, has_hh, M_HH, V_HH, B_HH, G, eps[1], false);
     setup(pre, has_pre, M_PRE, V_PRE, B_PRE, G, eps[2], false);
@@ -441,7 +441,7 @@ void forward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1) {
       T* c = x.ptr<T>(C) + s * N * H;
       const T* c_prev = (t == 0 || !x.save) ? (x.save ? x.ptr<T>(C0) : c)
                                             : x.ptr<T>(C) + (t - 1) * N * H;
-      T* tc = x.ptr<T>(TC) + s * N * H;
+      T* tc = x.ptr<T>(TC);  // one step: the backward recomputes it
       T Ac[CHUNK], Cc[CHUNK];  // BN(c) as an affine map (population statistics)
       for (int64_t j = 0; j < w; ++j) Ac[j] = T(1), Cc[j] = T(0);
       if (x.has_c && affine_c) {
@@ -609,7 +609,7 @@ __attribute__((noinline)) void lstm_gate_grads(
 }
 
 template <typename T>
-void backward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1, T* scratch) {
+void backward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1, T* scratch, T* tc) {
   const int64_t H = x.H, G = x.G, N = x.N;
   const int64_t gates = G / H;
   const T* dout = x.ptr<T>(D_OUT) + t * N * H;
@@ -623,14 +623,13 @@ void backward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1, T* scr
   if (x.inline_ih && x.has_ih) {
     xih = x.ptr<T>(XS);  // recomputed below for this block's columns
   } else if (x.has_ih || x.has_pre) {
-    xih = x.ptr<T>(WX) + t * N * G;
+    xih = x.ptr<T>(WX) + (t - x.base) * N * G;  // WX holds the chunk's steps
   }
   const T* xhh = x.has_hh ? x.ptr<T>(XH) + t * N * G : nullptr;
   for (int64_t ja = j0; ja < j1; ja += CHUNK) {
     const int64_t w = std::min(CHUNK, j1 - ja);
     if (x.kind == LSTM) {
       const T* act = x.ptr<T>(ACT) + t * N * G;
-      const T* tc = x.ptr<T>(TC) + t * N * H;
       const T* c = x.ptr<T>(C) + t * N * H;
       const T* c_prev = t == 0 ? x.ptr<T>(C0) : x.ptr<T>(C) + (t - 1) * N * H;
       T* dc_buf = x.ptr<T>(D_C);
@@ -642,9 +641,22 @@ void backward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1, T* scr
         for (int64_t j = 0; j < w; ++j)
           mu[j] = mean[j], rs[j] = T(1) / std::sqrt(var[j] + T(x.c.eps));
       }
+      // tc = tanh(BN(c_t)) (or tanh(c_t)) recomputed as the forward did, in scratch (n, CHUNK)
+      for (int64_t r = 0; r < n; ++r) {
+        const T* cr = c + r * H + ja;
+        T* tr = tc + r * CHUNK;
+        if (x.has_c) {
+          const T* g_c = x.ptr<T>(G_C) + ja;
+          const T* b_c = x.ptr<T>(B_C) + ja;
+          for (int64_t j = 0; j < w; ++j) tr[j] = (cr[j] - mu[j]) * rs[j] * g_c[j] + b_c[j];
+        } else {
+          for (int64_t j = 0; j < w; ++j) tr[j] = cr[j];
+        }
+        tanh_row(tr, w);
+      }
       for (int64_t r = 0; r < n; ++r) {
         const T* a = act + r * G + ja;
-        const T* tr = tc + r * H + ja;
+        const T* tr = tc + r * CHUNK;
         const T* dr = dout + r * H + ja;
         const T* hr = dh_buf + r * H + ja;
         const T* cr = c + r * H + ja;
@@ -677,7 +689,7 @@ void backward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1, T* scr
       for (int64_t r = 0; r < n; ++r) {
         const int64_t o = r * H + ja;
         auto kernel = x.has_c ? lstm_gate_grads<T, true> : lstm_gate_grads<T, false>;
-        kernel(w, H, act + r * G + ja, tc + o, dout + o, dh_buf + o, c + o, c_prev + o,
+        kernel(w, H, act + r * G + ja, tc + r * CHUNK, dout + o, dh_buf + o, c + o, c_prev + o,
                scratch + r * CHUNK, dc_buf + o, da + r * G + ja, m1, m2, mu, rs, sc);
       }
     } else {
@@ -741,8 +753,8 @@ void backward_impl(Ctx& x, int64_t t0, int64_t t1) {
   for (int64_t t = t1 - 1; t >= t0; --t) {
     const int64_t n = x.sizes[t];
     for_blocks(bl, [&](int64_t p) {
-      std::vector<T> scratch(n * CHUNK);
-      backward_block<T>(x, t, n, bl.j0[p], bl.j1[p], scratch.data());
+      std::vector<T> scratch(2 * n * CHUNK);
+      backward_block<T>(x, t, n, bl.j0[p], bl.j1[p], scratch.data(), scratch.data() + n * CHUNK);
     });
     if (x.inline_ih && x.ts[D_X].has_value() && x.ts[D_X]->defined() && n > 0) {
       at::Tensor dwx_t =
@@ -767,6 +779,7 @@ void forward_loop(at::IntArrayRef cfg, at::ArrayRef<double> eps, at::IntArrayRef
                   const c10::List<c10::optional<at::Tensor>>& tensors, int64_t t0, int64_t t1) {
   Ctx x(cfg, eps, sizes, tensors);
   check(x);
+  TORCH_CHECK(x.I > 0 || !(x.inline_ih || x.step_ih), "bnrnn_fast: x is needed");
   AT_DISPATCH_FLOATING_TYPES(x.at_(WX).scalar_type(), "bnrnn_fast_forward",
                              [&] { forward_impl<scalar_t>(x, t0, t1); });
 }

@@ -14,11 +14,14 @@ filled them with the population row.
 
 Buffers (``save``: kept for the backward; otherwise a one-step scratch, index 0):
     WX  (T, N, G)  in: W_ih x_t; out: the normalised input term xhat_ih ("cooijmans",
-                   "input"), or the normalised pre-activation xhat_pre ("preactivation")
+                   "input"), or the normalised pre-activation xhat_pre ("preactivation").
+                   Kept for the backward only for "preactivation" and sequence-wise
+                   statistics; else the backward recomputes xhat_ih a chunk at a time, and
+                   its WX holds steps [t0, t1) of the chunk at t - t0.
     XH  (T|1, N, G) xhat of W_hh h_{t-1} ("cooijmans"), else scratch for W_hh h_{t-1}
     ACT (T|1, N, G) LSTM gate activations sig(i), sig(f), tanh(g), sig(o); RNN scratch
     C   (T|1, N, H) LSTM un-normalised cell c_t (without ``save``: the running cell state)
-    TC  (T|1, N, H) LSTM tanh(BN(c_t)) (or tanh(c_t))
+    TC  (1, N, H)   LSTM tanh(BN(c_t)) (or tanh(c_t)), scratch: the backward recomputes it
     OUT (T, N, H)   h_t, zero beyond each length
 """
 
@@ -51,8 +54,10 @@ class Plan:
     # compiled loops only: W_ih x_t computed inside the step from x (small input sizes)
     inline_ih: bool = False
     wx_base: int = 0  # WX holds steps wx_base, ... (the forward computes it in chunks)
-    # compiled loops only, forward without backward: W_ih x_t computed at each step
+    # compiled loops only: W_ih x_t computed at each step into a one-step WX, by each block
+    # for its own columns
     step_ih: bool = False
+    keep_wx: bool = False  # WX (normalised) is kept for the backward
 
 
 @dataclass
@@ -141,7 +146,7 @@ def forward_loop(plan: Plan, b: Buffers, t0: int, t1: int) -> None:
             c_prev = b.c0[:n] if (t == 0 and plan.save) else b.C[t - 1 if plan.save else 0, :n]
             c = b.C[s, :n]
             torch.addcmul(i * g, f, c_prev, out=c)
-            tc = b.TC[s, :n]
+            tc = b.TC[0, :n]
             if plan.has_c:
                 torch.tanh(_normalise(plan, b, "c", c, t, eps_c) * b.g_c + b.b_c, out=tc)
             else:
@@ -182,12 +187,15 @@ def backward_loop(plan: Plan, b: Buffers, t0: int, t1: int) -> None:
         dh = b.dOUT[t, :n] + b.dh[:n]
         if lstm:
             i, f, g, o = b.ACT[t, :n].chunk(4, 1)
-            tc = b.TC[t, :n]
-            d_o = dh * tc
-            dcout = dh * o * (1 - tc * tc)
             if plan.has_c:
                 row_m, row_v = b.M["c"][t], b.V["c"][t]
                 xhat_c = (b.C[t, :n] - row_m) * torch.rsqrt(row_v + eps_c)
+                tc = torch.tanh(xhat_c * b.g_c + b.b_c)
+            else:
+                tc = torch.tanh(b.C[t, :n])
+            d_o = dh * tc
+            dcout = dh * o * (1 - tc * tc)
+            if plan.has_c:
                 b.grads["b_c"] += dcout.sum(0)
                 dcout = _bn_backward(plan, b, "c", dcout, xhat_c, t, b.g_c, eps_c)
             dc = b.dc[:n] + dcout
@@ -209,11 +217,11 @@ def backward_loop(plan: Plan, b: Buffers, t0: int, t1: int) -> None:
             da = dh * (b.OUT[t, :n] > 0)
         b.grads["sum"] += da.sum(0)
         if plan.has_pre:
-            dz = _bn_backward(plan, b, "pre", da, b.WX[t, :n], t, b.g_pre, eps_pre)
+            dz = _bn_backward(plan, b, "pre", da, b.WX[t - t0, :n], t, b.g_pre, eps_pre)
             dwx = dwh = dz
         else:
             dwx = (
-                _bn_backward(plan, b, "ih", da, b.WX[t, :n], t, b.g_ih, eps_ih)
+                _bn_backward(plan, b, "ih", da, b.WX[t - t0, :n], t, b.g_ih, eps_ih)
                 if plan.has_ih
                 else da
             )
