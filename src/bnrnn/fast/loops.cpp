@@ -346,7 +346,8 @@ void forward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1) {
   const T* g_pre = x.ptr<T>(G_PRE);
   // Population statistics and nothing kept for a backward: every BN is an affine map per
   // feature, so the pre-activation is one pass a = wh * A + wx * B + C.
-  const bool affine = !x.save && !x.has_pre && !x.hh.batch_at(t) && !x.ih.batch_at(t);
+  const bool affine =
+      !x.save && !x.pre.batch_at(t) && !x.hh.batch_at(t) && !x.ih.batch_at(t);
   const bool affine_c = !x.save && !x.c.batch_at(t);
   for (int64_t ja = j0; ja < j1; ja += CHUNK) {
     const int64_t w = std::min(CHUNK, j1 - ja);
@@ -371,6 +372,14 @@ void forward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1) {
         for (int64_t j = 0; j < w; ++j) {
           B[j] = g_ih[col + j] / std::sqrt(v[j] + T(x.ih.eps));
           Cst[j] -= B[j] * m[j];
+        }
+      }
+      if (x.has_pre) {  // Laurent eq. 17 with population statistics: one scale for both terms
+        const T* m = x.pre.mean<T>(t) + col;
+        const T* v = x.pre.var<T>(t) + col;
+        for (int64_t j = 0; j < w; ++j) {
+          A[j] = B[j] = g_pre[col + j] / std::sqrt(v[j] + T(x.pre.eps));
+          Cst[j] -= A[j] * m[j];
         }
       }
       const bool is_tanh = (x.kind == LSTM && k == 2) || x.kind == RNN_TANH;
