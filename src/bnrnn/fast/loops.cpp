@@ -87,6 +87,19 @@ __attribute__((noinline)) void tanh_mul_row(T* __restrict__ tc, T* __restrict__ 
   }
 }
 
+// o <- act(b * A + a * B + C) in one pass (act: 0 sigmoid, 1 tanh, 2 relu): the evaluation
+// pre-activation with every BN an affine map per feature.
+template <typename T, int ACT>
+__attribute__((noinline)) void affine_act_row(T* __restrict__ o, const T* __restrict__ a,
+                                              const T* __restrict__ b, const T* __restrict__ A,
+                                              const T* __restrict__ B, const T* __restrict__ C,
+                                              int64_t w) {
+  for (int64_t j = 0; j < w; ++j) {
+    const T v = b[j] * A[j] + a[j] * B[j] + C[j];
+    o[j] = ACT == 0 ? sigm<T>(v) : ACT == 1 ? th<T>(v) : (v > T(0) ? v : T(0));
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // GEMM: C (m, n) = A (m, k) @ B (k, n), row-major, B fixed for the whole loop.
 
@@ -383,19 +396,11 @@ void forward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1) {
         }
       }
       const bool is_tanh = (x.kind == LSTM && k == 2) || x.kind == RNN_TANH;
-      for (int64_t r = 0; r < n; ++r) {
-        const T* a = wx + r * G + col;
-        const T* b = wh + r * G + col;
-        T* o = act + r * G + col;
-        for (int64_t j = 0; j < w; ++j) o[j] = b[j] * A[j] + a[j] * B[j] + Cst[j];
-        if (x.kind == RNN_RELU) {
-          for (int64_t j = 0; j < w; ++j) o[j] = o[j] > T(0) ? o[j] : T(0);
-        } else if (is_tanh) {
-          tanh_row(o, w);
-        } else {
-          sigmoid_row(o, w);
-        }
-      }
+      auto row = x.kind == RNN_RELU ? affine_act_row<T, 2>
+                 : is_tanh            ? affine_act_row<T, 1>
+                                      : affine_act_row<T, 0>;
+      for (int64_t r = 0; r < n; ++r)
+        row(act + r * G + col, wx + r * G + col, wh + r * G + col, A, B, Cst, w);
     }
     for (int64_t k = 0; k < gates && !affine; ++k) {
       const int64_t col = k * H + ja;
