@@ -4,13 +4,15 @@
 The whole direction is one `torch.autograd.Function` with a hand-written backward, so that
 autograd records one node instead of tens per step:
 
-- forward: ``W_ih x`` for all steps as one GEMM; then the recurrence (one GEMM with
-  ``W_hh`` and fused element-wise work per step, in `loops` or the compiled ``loops.cpp``),
-  keeping what the backward needs; then the population statistics of every step are
-  tracked at once (`StepBatchNorm._track`, as `StepBatchNorm.frames` does);
-- backward: the recurrence in reverse (one GEMM per step for the gradient of h_{t-1}, the
-  BN backward through the batch statistics of each step), then the weight gradients as
-  one large GEMM each over all steps.
+- forward: the recurrence (per step the GEMMs with ``W_hh`` and ``W_ih`` and fused
+  element-wise work, in the compiled ``loops.cpp``; the Python `loops` take ``W_ih x`` for
+  all steps as one GEMM), keeping what the backward needs; then the population statistics
+  of every step are tracked at once (`StepBatchNorm._track`, as `StepBatchNorm.frames`
+  does);
+- backward: the recurrence in reverse, a chunk of steps at a time (one GEMM per step for
+  the gradient of h_{t-1}, the BN backward through the batch statistics of each step, with
+  ``tanh(BN(c_t))`` and the normalised ``W_ih x`` recomputed rather than kept), then the
+  weight gradients of the chunk as one large GEMM each.
 
 The statistics follow `StepBatchNorm.step` exactly: batch statistics over the sequences
 present at each step; the population row ``min(t, max_length - 1)`` in evaluation and, in
