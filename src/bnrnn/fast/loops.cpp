@@ -130,10 +130,11 @@ const Mkl& mkl() {
 
 bool g_use_packed = true;  // set_gemm("packed" | "mm")
 
-// The forward's per-step GEMM split by hidden units: block p owns units [j0, j1) and
-// computes the columns of its four gates (k H + j0 .. k H + j1) itself, then the gate and
-// BN work of the same units, so each thread reads back what it just wrote (L1/L2) and keeps
-// its slice of W_hh in its own L2 across steps. One fork-join per step.
+// A step split by hidden units: block p owns units [j0, j1). In the forward it computes the
+// columns of its four gates (k H + j0 .. k H + j1) of the step GEMMs itself, then the gate
+// and BN work of the same units, so each thread reads back what it just wrote (L1/L2) and
+// keeps its slice of W_hh in its own L2 across steps; the backward likewise (gate and BN
+// gradients, then its columns of dh_{t-1}).
 struct Blocks {
   std::vector<int64_t> j0, j1;
   Blocks(int64_t H, int64_t n_blocks) {
@@ -143,8 +144,6 @@ struct Blocks {
   }
   int64_t size() const { return (int64_t)j0.size(); }
 };
-
-typedef int (*set_local_fn)(int);
 
 struct BlockGemm {
   // C[:, k S + j0 : k S + j1] = A @ B[:, k S + j0 : k S + j1] for k < gates, block p: the
@@ -287,6 +286,19 @@ struct Ctx {
   }
 };
 
+// A BN with given statistics (population rows) as an affine map per feature, for w columns
+// from col: scale = gamma / sqrt(var + eps); shift -= scale * mean.
+template <typename T>
+inline void fold_bn(const Norm& nm, int64_t t, int64_t col, int64_t w, const T* __restrict__ gamma,
+                    T* __restrict__ scale, T* __restrict__ shift) {
+  const T* m = nm.mean<T>(t) + col;
+  const T* v = nm.var<T>(t) + col;
+  for (int64_t j = 0; j < w; ++j) {
+    scale[j] = gamma[j] / std::sqrt(v[j] + T(nm.eps));
+    shift[j] -= scale[j] * m[j];
+  }
+}
+
 // Column statistics of z (n rows, w columns, leading dim ld): mean and biased variance.
 template <typename T>
 inline void col_stats(const T* __restrict__ z, int64_t ld, int64_t n, int64_t w,
@@ -372,29 +384,11 @@ void forward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1) {
       for (int64_t j = 0; j < w; ++j) {
         A[j] = T(1), B[j] = T(1), Cst[j] = bias ? bias[col + j] : T(0);
       }
-      if (x.has_hh) {
-        const T* m = x.hh.mean<T>(t) + col;
-        const T* v = x.hh.var<T>(t) + col;
-        for (int64_t j = 0; j < w; ++j) {
-          A[j] = g_hh[col + j] / std::sqrt(v[j] + T(x.hh.eps));
-          Cst[j] -= A[j] * m[j];
-        }
-      }
-      if (x.has_ih) {
-        const T* m = x.ih.mean<T>(t) + col;
-        const T* v = x.ih.var<T>(t) + col;
-        for (int64_t j = 0; j < w; ++j) {
-          B[j] = g_ih[col + j] / std::sqrt(v[j] + T(x.ih.eps));
-          Cst[j] -= B[j] * m[j];
-        }
-      }
+      if (x.has_hh) fold_bn(x.hh, t, col, w, g_hh + col, A, Cst);
+      if (x.has_ih) fold_bn(x.ih, t, col, w, g_ih + col, B, Cst);
       if (x.has_pre) {  // Laurent eq. 17 with population statistics: one scale for both terms
-        const T* m = x.pre.mean<T>(t) + col;
-        const T* v = x.pre.var<T>(t) + col;
-        for (int64_t j = 0; j < w; ++j) {
-          A[j] = B[j] = g_pre[col + j] / std::sqrt(v[j] + T(x.pre.eps));
-          Cst[j] -= A[j] * m[j];
-        }
+        fold_bn(x.pre, t, col, w, g_pre + col, A, Cst);
+        std::copy(A, A + w, B);
       }
       const bool is_tanh = (x.kind == LSTM && k == 2) || x.kind == RNN_TANH;
       auto row = x.kind == RNN_RELU ? affine_act_row<T, 2>
@@ -460,14 +454,8 @@ void forward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1) {
       T Ac[CHUNK], Cc[CHUNK];  // BN(c) as an affine map (population statistics)
       for (int64_t j = 0; j < w; ++j) Ac[j] = T(1), Cc[j] = T(0);
       if (x.has_c && affine_c) {
-        const T* m = x.c.mean<T>(t) + ja;
-        const T* v = x.c.var<T>(t) + ja;
-        const T* g_c = x.ptr<T>(G_C) + ja;
-        const T* b_c = x.ptr<T>(B_C) + ja;
-        for (int64_t j = 0; j < w; ++j) {
-          Ac[j] = g_c[j] / std::sqrt(v[j] + T(x.c.eps));
-          Cc[j] = b_c[j] - Ac[j] * m[j];
-        }
+        std::copy(x.ptr<T>(B_C) + ja, x.ptr<T>(B_C) + ja + w, Cc);
+        fold_bn(x.c, t, ja, w, x.ptr<T>(G_C) + ja, Ac, Cc);
       }
       for (int64_t r = 0; r < n; ++r) {
         const T* a = act + r * G + ja;
@@ -764,12 +752,14 @@ void backward_impl(Ctx& x, int64_t t0, int64_t t1) {
   Blocks bl(H, n_blocks(N * G * H));
   BlockGemm gh(x.at_(W_HH), 0, 1, bl, N);
   T* dh = x.ptr<T>(D_H);
+  // per block: dL/d(BN(c_t)) and tanh(BN(c_t)), (N, CHUNK) each
+  std::vector<std::vector<T>> scratch(bl.size(), std::vector<T>(2 * N * CHUNK));
   x.base = t0;
   for (int64_t t = t1 - 1; t >= t0; --t) {
     const int64_t n = x.sizes[t];
     for_blocks(bl, [&](int64_t p) {
-      std::vector<T> scratch(2 * n * CHUNK);
-      backward_block<T>(x, t, n, bl.j0[p], bl.j1[p], scratch.data(), scratch.data() + n * CHUNK);
+      T* s = scratch[p].data();
+      backward_block<T>(x, t, n, bl.j0[p], bl.j1[p], s, s + N * CHUNK);
     });
     if (x.inline_ih && x.ts[D_X].has_value() && x.ts[D_X]->defined() && n > 0) {
       at::Tensor dwx_t =
