@@ -57,7 +57,12 @@ class Plan:
     # compiled loops only: W_ih x_t computed at each step into a one-step WX, by each block
     # for its own columns
     step_ih: bool = False
-    keep_wx: bool = False  # WX (normalised) is kept for the backward
+
+    @property
+    def keep_wx(self) -> bool:
+        """WX (normalised) is kept for the backward: it holds xhat of the whole
+        pre-activation, or sequence-wise statistics need all steps at once."""
+        return self.save and (self.has_pre or self.ih_seq)
 
 
 @dataclass
