@@ -14,7 +14,18 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 from harness_helpers import REAL_DATA
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a test module (``pytestmark = usefixtures("one_thread")``):
+    tiny step loops run several times faster than on two busy threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

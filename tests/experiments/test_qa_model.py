@@ -13,14 +13,7 @@ import torch.nn.functional as F
 import bnrnn
 from bnrnn_experiments.qa.model import VARIANTS, AttentiveReader, PaddedReverseBNLSTM
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny step loops: one thread is several times faster than two busy ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 V, E = 40, 10  # vocabulary (ids 3..12 are the entities), entities

@@ -23,12 +23,7 @@ from bnrnn_experiments.train import train
 needs_ptb = pytest.mark.skipif(not HAVE_PTB, reason=f"PTB not found in {REAL_DATA}")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _question(i: int) -> str:
