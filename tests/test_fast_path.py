@@ -161,6 +161,38 @@ def test_matches_reference(backend, cls, norm, input_stats, dtype):
         _compare(r1, r2, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("norm,input_stats", PLACEMENTS)
+@pytest.mark.parametrize("cls", [bnrnn.BNLSTM, bnrnn.BNRNN])
+def test_no_grad_evaluation(backend, cls, norm, input_stats, dtype):
+    """Evaluation under no_grad, where every BN is an affine map and the compiled LSTM step
+    is one fused pass: packed input (steps beyond max_length read the last population row),
+    an initial state, two bidirectional layers (a small and a large input)."""
+    ref, fused = _pair(
+        cls,
+        dtype,
+        norm=norm,
+        input_stats=input_stats,
+        num_layers=2,
+        bidirectional=True,
+        max_length=5,
+    )
+    lengths = torch.tensor([7, 4, 1, 7, 5, 7])
+    x = torch.randn(7, 6, 3, dtype=dtype)
+    h0 = torch.randn(4, 6, 20, dtype=dtype)
+    hx = (h0, torch.randn(4, 6, 20, dtype=dtype)) if cls is bnrnn.BNLSTM else h0
+    results = []
+    for m in (ref, fused):
+        m.eval()
+        with torch.no_grad():
+            out, state = m(pack_padded_sequence(x, lengths, enforce_sorted=False), hx)
+        results.append((out.data, state if isinstance(state, tuple) else (state,)))
+    (o1, s1), (o2, s2) = results
+    _assert_close(o1, o2, dtype, "output")
+    for k, (a, b) in enumerate(zip(s1, s2)):
+        _assert_close(a, b, dtype, f"state {k}")
+
+
 @pytest.mark.parametrize("norm,input_stats", PLACEMENTS)
 def test_padded_full_length_and_initial_state(backend, norm, input_stats):
     """A padded batch_first tensor without lengths, an explicit initial state (gradients

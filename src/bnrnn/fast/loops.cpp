@@ -101,6 +101,26 @@ __attribute__((noinline)) void affine_act_row(T* __restrict__ o, const T* __rest
   }
 }
 
+// One row of an LSTM step in evaluation, w units, every BN an affine map per feature: gate
+// k's pre-activation is wh[k H + j] * co[k] + wx[k H + j] * co[4 + k] + co[8 + k], and
+// BN(c) is c * co[12] + co[13] (co: 14 arrays of CHUNK). c is updated in place (c_{t-1} in,
+// c_t out) and h = o * tanh(BN(c_t)) written: one pass, nothing kept for a backward.
+template <typename T>
+__attribute__((noinline)) void lstm_affine_row(int64_t w, int64_t H, const T* __restrict__ wh,
+                                               const T* __restrict__ wx, const T* __restrict__ co,
+                                               T* __restrict__ c, T* __restrict__ h) {
+  constexpr int64_t S = CHUNK;
+  for (int64_t j = 0; j < w; ++j) {
+    const T pi = wh[j] * co[j] + wx[j] * co[4 * S + j] + co[8 * S + j];
+    const T pf = wh[H + j] * co[S + j] + wx[H + j] * co[5 * S + j] + co[9 * S + j];
+    const T pg = wh[2 * H + j] * co[2 * S + j] + wx[2 * H + j] * co[6 * S + j] + co[10 * S + j];
+    const T po = wh[3 * H + j] * co[3 * S + j] + wx[3 * H + j] * co[7 * S + j] + co[11 * S + j];
+    const T cn = sigm<T>(pf) * c[j] + sigm<T>(pi) * th<T>(pg);
+    c[j] = cn;
+    h[j] = sigm<T>(po) * th<T>(cn * co[12 * S + j] + co[13 * S + j]);
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // GEMM: C (m, n) = A (m, k) @ B (k, n), row-major, B fixed for the whole loop.
 
@@ -377,6 +397,38 @@ void forward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1) {
   const bool affine_c = !x.save && !x.c.batch_at(t);
   for (int64_t ja = j0; ja < j1; ja += CHUNK) {
     const int64_t w = std::min(CHUNK, j1 - ja);
+    if (affine && affine_c && x.kind == LSTM) {  // evaluation: one fused pass per row
+      T co[14 * CHUNK];
+      for (int64_t k = 0; k < 4; ++k) {
+        const int64_t col = k * H + ja;
+        if (x.inline_ih) project(x, t, n, col, w, wx + col);
+        T* A = co + k * CHUNK;
+        T* B = co + (4 + k) * CHUNK;
+        T* Cst = co + (8 + k) * CHUNK;
+        for (int64_t j = 0; j < w; ++j) {
+          A[j] = T(1), B[j] = T(1), Cst[j] = bias ? bias[col + j] : T(0);
+        }
+        if (x.has_hh) fold_bn(x.hh, t, col, w, g_hh + col, A, Cst);
+        if (x.has_ih) fold_bn(x.ih, t, col, w, g_ih + col, B, Cst);
+        if (x.has_pre) {  // Laurent eq. 17 with population statistics: one scale for both
+          fold_bn(x.pre, t, col, w, g_pre + col, A, Cst);
+          std::copy(A, A + w, B);
+        }
+      }
+      T* Ac = co + 12 * CHUNK;
+      T* Cc = co + 13 * CHUNK;
+      for (int64_t j = 0; j < w; ++j) Ac[j] = T(1), Cc[j] = T(0);
+      if (x.has_c) {  // Cooijmans eq. 8 with population statistics
+        std::copy(x.ptr<T>(B_C) + ja, x.ptr<T>(B_C) + ja + w, Cc);
+        fold_bn(x.c, t, ja, w, x.ptr<T>(G_C) + ja, Ac, Cc);
+      }
+      T* c = x.ptr<T>(C);  // one step, c_{t-1} in and c_t out
+      for (int64_t r = 0; r < n; ++r)
+        lstm_affine_row<T>(w, H, wh + r * G + ja, wx + r * G + ja, co, c + r * H + ja,
+                           out + r * H + ja);
+      for (int64_t r = n; r < N; ++r) std::memset(out + r * H + ja, 0, w * sizeof(T));
+      continue;
+    }
     for (int64_t k = 0; k < gates && affine; ++k) {
       const int64_t col = k * H + ja;
       if (x.inline_ih) project(x, t, n, col, w, wx + col);
