@@ -437,7 +437,9 @@ class _FastDirection(torch.autograd.Function):
         # chunk go into the weight gradients as one GEMM each, so only K steps of them are
         # held. Sequence-wise statistics need all steps first (one chunk).
         K = T if plan.ih_seq else min(T, max(MIN_CHUNK, -(-T // CHUNKS)))
-        b.DWX = x.new_empty(1 if (plan.inline_ih and separate) else K, N, G)
+        # (one step when the inline projection needs it for nothing else: its dW_ih is
+        # accumulated inside the loop, dx is one GEMM over the chunk)
+        b.DWX = x.new_empty(1 if (plan.inline_ih and separate and not need[0]) else K, N, G)
         b.DWH = x.new_empty(K, N, G) if separate else b.DWX
         zeros = functools.partial(x.new_zeros, dtype=x.dtype)
         b.grads = {"sum": zeros(G)}

@@ -14,7 +14,11 @@
 
 #include <dlfcn.h>
 
+#include <omp.h>
+
 #include <algorithm>
+#include <atomic>
+#include <exception>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -121,6 +125,48 @@ __attribute__((noinline)) void lstm_affine_row(int64_t w, int64_t H, const T* __
   }
 }
 
+// One row of a gate's pre-activation with given BN statistics (training, or batch
+// statistics without a backward), w units: q[0..), q[S..), q[2 S..) hold mean,
+// 1/sqrt(var + eps) and gamma of BN(W_hh h) (0, 1, 1 when absent), q[3 S..) to q[5 S..) the
+// same of BN(W_ih x), q[6 S..) the bias (Cooijmans eq. 6). wh and wx are replaced by their
+// normalised values (kept for the backward).
+template <typename T>
+__attribute__((noinline)) void bn_gate_row(int64_t w, T* __restrict__ wh, T* __restrict__ wx,
+                                           const T* __restrict__ q, T* __restrict__ a) {
+  constexpr int64_t S = CHUNK;
+  for (int64_t j = 0; j < w; ++j) {
+    const T xh = (wh[j] - q[j]) * q[S + j];
+    const T xi = (wx[j] - q[3 * S + j]) * q[4 * S + j];
+    wh[j] = xh;
+    wx[j] = xi;
+    a[j] = xi * q[5 * S + j] + xh * q[2 * S + j] + q[6 * S + j];
+  }
+}
+
+// One row of an LSTM cell, w units: the pre-activations in act (i, f, g, o at offsets 0, H,
+// 2H, 3H) are replaced by the gate activations and c receives c_t = f c_{t-1} + i g.
+// INPLACE: c holds c_{t-1} (cp unused).
+template <typename T, bool INPLACE>
+__attribute__((noinline)) void lstm_cell_row(int64_t w, int64_t H, T* __restrict__ act,
+                                             const T* __restrict__ cp, T* __restrict__ c) {
+  for (int64_t j = 0; j < w; ++j) {
+    const T i = sigm<T>(act[j]), f = sigm<T>(act[H + j]);
+    const T g = th<T>(act[2 * H + j]), o = sigm<T>(act[3 * H + j]);
+    act[j] = i, act[H + j] = f, act[2 * H + j] = g, act[3 * H + j] = o;
+    c[j] = f * (INPLACE ? c[j] : cp[j]) + i * g;
+  }
+}
+
+// h = o * tanh((c - mu) * rs * g + b) for w units (BN(c) of Cooijmans eq. 8; mu 0, rs 1,
+// g 1, b 0 without it).
+template <typename T>
+__attribute__((noinline)) void lstm_out_row(int64_t w, const T* __restrict__ c,
+                                            const T* __restrict__ o, const T* __restrict__ mu,
+                                            const T* __restrict__ rs, const T* __restrict__ g,
+                                            const T* __restrict__ b, T* __restrict__ h) {
+  for (int64_t j = 0; j < w; ++j) h[j] = o[j] * th<T>((c[j] - mu[j]) * rs[j] * g[j] + b[j]);
+}
+
 // ---------------------------------------------------------------------------------------
 // GEMM: C (m, n) = A (m, k) @ B (k, n), row-major, B fixed for the whole loop.
 
@@ -207,6 +253,54 @@ struct BlockGemm {
   }
 };
 
+struct RowGemm {
+  // C = sum over gates k of A[:, k S + j0 : k S + j1] @ B[k S + j0 : k S + j1, :] for block
+  // p: its part of the backward's dh_{t-1} = da_t W_hh (A = da_t (m, G), B = W_hh (G, H),
+  // S = H), from its own columns of da.
+  at::Tensor B;  // (G, L) contiguous
+  int64_t G, L, S;
+  const Blocks* blocks;
+  std::vector<at::Tensor> packed;  // [p * 4 + k], MKL packed, or empty: at::mm
+  RowGemm(const at::Tensor& B_, int64_t S_, const Blocks& bl, int64_t max_m)
+      : B(B_.contiguous()), G(B_.size(0)), L(B_.size(1)), S(S_), blocks(&bl) {
+    const bool use = g_use_packed && B.scalar_type() == at::kFloat && mkl().ok() && max_m > 0;
+    for (int64_t p = 0; p < bl.size() && use; ++p) {
+      const int64_t w = bl.j1[p] - bl.j0[p];
+      for (int64_t k = 0; k < G / S; ++k) {
+        size_t bytes = mkl().size(162, (int)max_m, (int)L, (int)w);
+        at::Tensor out = at::empty({(int64_t)(bytes / sizeof(float)) + 16}, B.options());
+        mkl().pack(101, 162, 111, (int)max_m, (int)L, (int)w, 1.0f,
+                   B.data_ptr<float>() + (k * S + bl.j0[p]) * L, (int)L, out.data_ptr<float>());
+        packed.push_back(out);
+      }
+    }
+  }
+  // A: m rows, leading dim G; C: m rows of L (leading dim L), overwritten. Called inside a
+  // parallel region: the GEMM itself runs on this thread.
+  template <typename T> void run(int64_t p, const T* A, T* C, int64_t m) const {
+    if (m == 0) return;
+    const int64_t j0 = blocks->j0[p], w = blocks->j1[p] - j0;
+    for (int64_t k = 0; k < G / S; ++k) {
+      if (!packed.empty()) {
+        mkl().compute(101, 111, 151, (int)m, (int)L, (int)w,
+                      reinterpret_cast<const float*>(A) + k * S + j0, (int)G,
+                      packed[p * (G / S) + k].data_ptr<float>(), (int)L, k ? 1.0f : 0.0f,
+                      reinterpret_cast<float*>(C), (int)L);
+      } else {
+        auto opt = B.options();
+        at::Tensor a = at::from_blob(const_cast<T*>(A) + k * S + j0, {m, w}, {G, 1}, opt);
+        at::Tensor c = at::from_blob(C, {m, L}, opt);
+        at::Tensor b = B.narrow(0, k * S + j0, w);
+        if (k == 0) {
+          at::mm_out(c, a, b);
+        } else {
+          c.addmm_(a, b);
+        }
+      }
+    }
+  }
+};
+
 int64_t g_block_macs = 1 << 22;  // multiply-adds of a step's GEMM per block (set_block_macs)
 
 // As many blocks as threads when the step's GEMM (macs multiply-adds) is large enough to
@@ -215,14 +309,46 @@ inline int64_t n_blocks(int64_t macs) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), macs / g_block_macs));
 }
 
-// Runs f(p) for each block on its own thread, with MKL limited to that thread (a single
-// block too: MKL's threads cost more than they save on a GEMM this small).
-template <typename F> void for_blocks(const Blocks& bl, const F& f) {
-  at::parallel_for(0, bl.size(), 1, [&](int64_t b0, int64_t b1) {
+// Runs step(i, p) for i < steps and every block p: the blocks on their own threads in one
+// parallel region for all steps, with a barrier after each step (step i + 1 reads what every
+// block wrote at step i), and MKL limited to the calling thread (a single block too: MKL's
+// threads cost more than they save on a GEMM this small). One region instead of a fork and
+// join per step. If the region has fewer threads than blocks, a thread runs several.
+template <typename F> void for_steps(const Blocks& bl, int64_t steps, const F& step) {
+  const int64_t nb = bl.size();
+  if (nb == 1 || at::get_num_threads() == 1 || at::in_parallel_region()) {
     const int old = mkl().set_local ? mkl().set_local(1) : 0;
-    for (int64_t p = b0; p < b1; ++p) f(p);
+    try {
+      for (int64_t i = 0; i < steps; ++i)
+        for (int64_t p = 0; p < nb; ++p) step(i, p);
+    } catch (...) {
+      if (mkl().set_local) mkl().set_local(old);
+      throw;
+    }
     if (mkl().set_local) mkl().set_local(old);
-  });
+    return;
+  }
+  std::exception_ptr error;
+  std::atomic<bool> failed{false};
+#pragma omp parallel num_threads(nb)
+  {
+    const int old = mkl().set_local ? mkl().set_local(1) : 0;
+    const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    for (int64_t i = 0; i < steps; ++i) {
+      // an exception stops the work, not the barriers (every thread must reach them)
+      if (!failed.load(std::memory_order_relaxed)) {
+        try {
+          for (int64_t p = tid; p < nb; p += nth) step(i, p);
+        } catch (...) {
+#pragma omp critical(bnrnn_fast_error)
+          if (!failed.exchange(true)) error = std::current_exception();
+        }
+      }
+#pragma omp barrier
+    }
+    if (mkl().set_local) mkl().set_local(old);
+  }
+  if (error) std::rethrow_exception(error);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -355,6 +481,26 @@ inline void normalise(T* __restrict__ z, int64_t ld, int64_t n, int64_t w, const
   }
 }
 
+// For the w columns from col of z (n rows, leading dim ld): q[0..w) the mean, q[CHUNK..) the
+// reciprocal standard deviation and q[2 CHUNK..) gamma of the BN nm at step t (its batch
+// statistics computed and stored if it has them at t), or 0, 1 and 1 if there is no BN.
+template <typename T>
+inline void stats_or_identity(const Norm& nm, bool on, int64_t t, const T* z, int64_t ld,
+                              int64_t n, int64_t col, int64_t w, const T* gamma, T* q) {
+  if (!on) {
+    for (int64_t j = 0; j < w; ++j) q[j] = T(0), q[CHUNK + j] = T(1), q[2 * CHUNK + j] = T(1);
+    return;
+  }
+  T* mean = nm.mean<T>(t) + col;
+  T* var = nm.var<T>(t) + col;
+  if (nm.batch_at(t)) col_stats(z, ld, n, w, mean, var);
+  for (int64_t j = 0; j < w; ++j) {
+    q[j] = mean[j];
+    q[CHUNK + j] = T(1) / std::sqrt(var[j] + T(nm.eps));
+    q[2 * CHUNK + j] = gamma[col + j];
+  }
+}
+
 // out (n rows, w columns, row stride G) = x_t @ W_ih^T for the columns [col, col + w).
 template <typename T>
 void project(const Ctx& x, int64_t t, int64_t n, int64_t col, int64_t w, T* __restrict__ out) {
@@ -426,6 +572,47 @@ void forward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1) {
       for (int64_t r = 0; r < n; ++r)
         lstm_affine_row<T>(w, H, wh + r * G + ja, wx + r * G + ja, co, c + r * H + ja,
                            out + r * H + ja);
+      for (int64_t r = n; r < N; ++r) std::memset(out + r * H + ja, 0, w * sizeof(T));
+      continue;
+    }
+    if (x.kind == LSTM && !x.has_pre) {  // training: the same in three passes per row
+      T co[28 * CHUNK];
+      for (int64_t k = 0; k < 4; ++k) {
+        const int64_t col = k * H + ja;
+        if (x.inline_ih) project(x, t, n, col, w, wx + col);
+        T* q = co + 7 * k * CHUNK;
+        stats_or_identity(x.hh, x.has_hh, t, wh + col, G, n, col, w, g_hh, q);
+        stats_or_identity(x.ih, x.has_ih, t, wx + col, G, n, col, w, g_ih, q + 3 * CHUNK);
+        for (int64_t j = 0; j < w; ++j) q[6 * CHUNK + j] = bias ? bias[col + j] : T(0);
+      }
+      T* c = x.ptr<T>(C) + s * N * H;
+      const bool inplace = !x.save;  // one-step C: c_{t-1} in, c_t out
+      const T* c_prev = inplace ? nullptr
+                        : t == 0  ? x.ptr<T>(C0)
+                                  : x.ptr<T>(C) + (t - 1) * N * H;
+      for (int64_t r = 0; r < n; ++r) {
+        T* a = act + r * G + ja;
+        for (int64_t k = 0; k < 4; ++k) {
+          const int64_t o = r * G + k * H + ja;
+          bn_gate_row<T>(w, wh + o, wx + o, co + 7 * k * CHUNK, act + o);
+        }
+        if (inplace) {
+          lstm_cell_row<T, true>(w, H, a, nullptr, c + r * H + ja);
+        } else {
+          lstm_cell_row<T, false>(w, H, a, c_prev + r * H + ja, c + r * H + ja);
+        }
+      }
+      T* q = co;  // BN(c) as mean, rstd, gamma, beta
+      if (x.has_c) {
+        stats_or_identity(x.c, true, t, c + ja, H, n, ja, w, x.ptr<T>(G_C), q);
+        std::copy(x.ptr<T>(B_C) + ja, x.ptr<T>(B_C) + ja + w, q + 3 * CHUNK);
+      } else {
+        stats_or_identity(x.c, false, t, c + ja, H, n, ja, w, x.ptr<T>(G_C), q);
+        std::fill(q + 3 * CHUNK, q + 3 * CHUNK + w, T(0));
+      }
+      for (int64_t r = 0; r < n; ++r)
+        lstm_out_row<T>(w, c + r * H + ja, act + r * G + 3 * H + ja, q, q + CHUNK,
+                        q + 2 * CHUNK, q + 3 * CHUNK, out + r * H + ja);
       for (int64_t r = n; r < N; ++r) std::memset(out + r * H + ja, 0, w * sizeof(T));
       continue;
     }
@@ -547,18 +734,16 @@ void forward_impl(Ctx& x, int64_t t0, int64_t t1) {
   BlockGemm gh(x.at_(WHT), H, G / H, bl, N);
   c10::optional<BlockGemm> gi;
   if (x.step_ih) gi.emplace(x.at_(W_IHT), H, G / H, bl, N);
-  for (int64_t t = t0; t < t1; ++t) {
+  for_steps(bl, t1 - t0, [&](int64_t i, int64_t p) {
+    const int64_t t = t0 + i;
     const int64_t n = x.sizes[t];
     const int64_t s = x.save ? t : 0;
     const T* h_prev = t == 0 ? x.ptr<T>(H0) : x.ptr<T>(OUT) + (t - 1) * N * H;
     T* wh = x.ptr<T>(XH) + (x.has_hh ? s : 0) * N * G;
-    const T* x_t = x.step_ih ? x.ptr<T>(X_IN) + t * N * x.I : nullptr;
-    for_blocks(bl, [&](int64_t p) {
-      gh.run<T>(p, h_prev, wh, n);
-      if (gi) gi->run<T>(p, x_t, x.ptr<T>(WX), n);
-      forward_block<T>(x, t, n, bl.j0[p], bl.j1[p]);
-    });
-  }
+    gh.run<T>(p, h_prev, wh, n);
+    if (gi) gi->run<T>(p, x.ptr<T>(X_IN) + t * N * x.I, x.ptr<T>(WX), n);
+    forward_block<T>(x, t, n, bl.j0[p], bl.j1[p]);
+  });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -798,29 +983,55 @@ void backward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1, T* scr
 template <typename T>
 void backward_impl(Ctx& x, int64_t t0, int64_t t1) {
   const int64_t N = x.N, H = x.H, G = x.G;
-  // Block p computes the gate and BN gradients of its units, then (after all blocks are
-  // done: the GEMM reads every column of da) its columns of dh_{t-1} = da_t W_hh, which
-  // are what it reads at the next step.
+  // Block p computes the gate and BN gradients of its units, then its part of
+  // dh_{t-1} = da_t W_hh over its own columns of da (its gates' rows of W_hh) into a partial
+  // sum P[t % 2][p] (N, H); at step t - 1 it adds the partials up for its units. Nothing
+  // waits on another block within a step (one barrier per step), and each block multiplies
+  // what it just computed. P alternates between two buffers: at step t - 1 a block writes
+  // one while another may still read the other. A single block writes dh itself.
   Blocks bl(H, n_blocks(N * G * H));
-  BlockGemm gh(x.at_(W_HH), 0, 1, bl, N);
+  const int64_t nb = bl.size();
+  RowGemm gh(x.at_(W_HH), H, bl, N);
   T* dh = x.ptr<T>(D_H);
+  at::Tensor partial_t;
+  if (nb > 1) partial_t = at::empty({2, nb, N, H}, x.at_(W_HH).options());
+  T* partial = nb > 1 ? partial_t.data_ptr<T>() : nullptr;
   // per block: dL/d(BN(c_t)) and tanh(BN(c_t)), (N, CHUNK) each
-  std::vector<std::vector<T>> scratch(bl.size(), std::vector<T>(2 * N * CHUNK));
+  std::vector<std::vector<T>> scratch(nb, std::vector<T>(2 * N * CHUNK));
   x.base = t0;
-  for (int64_t t = t1 - 1; t >= t0; --t) {
-    const int64_t n = x.sizes[t];
-    for_blocks(bl, [&](int64_t p) {
-      T* s = scratch[p].data();
-      backward_block<T>(x, t, n, bl.j0[p], bl.j1[p], s, s + N * CHUNK);
-    });
-    if (x.inline_ih && x.ts[D_X].has_value() && x.ts[D_X]->defined() && n > 0) {
-      at::Tensor dwx_t =
-          x.at_(DWX).select(0, x.at_(DWX).size(0) == 1 ? 0 : t - t0).narrow(0, 0, n);
-      at::Tensor dx_t = x.at_(D_X).select(0, t).narrow(0, 0, n);
-      at::mm_out(dx_t, dwx_t, x.at_(W_IH));
+  // dh[:rows, units of block p] = sum of the partials of buffer b
+  auto gather = [&](int64_t b, int64_t rows, int64_t p) {
+    const int64_t j0 = bl.j0[p], w = bl.j1[p] - j0;
+    for (int64_t r = 0; r < rows; ++r) {
+      T* o = dh + r * H + j0;
+      const T* a = partial + (b * nb * N + r) * H + j0;
+      std::copy(a, a + w, o);
+      for (int64_t q = 1; q < nb; ++q) {
+        const T* c = a + q * N * H;
+        for (int64_t j = 0; j < w; ++j) o[j] += c[j];
+      }
     }
+  };
+  for_steps(bl, t1 - t0 + (nb > 1), [&](int64_t i, int64_t p) {
+    const int64_t t = t1 - 1 - i;
+    if (t < t0) {  // after the last step: dL/dh_{t0 - 1}
+      gather(t0 % 2, x.sizes[t0], p);
+      return;
+    }
+    const int64_t n = x.sizes[t];
+    // rows beyond the sequences present at t + 1 keep dh as it came in (dL/dh_n)
+    if (nb > 1 && t + 1 < t1) gather((t + 1) % 2, x.sizes[t + 1], p);
+    T* s = scratch[p].data();
+    backward_block<T>(x, t, n, bl.j0[p], bl.j1[p], s, s + N * CHUNK);
     const T* dwh = x.ptr<T>(DWH) + (t - t0) * N * G;
-    for_blocks(bl, [&](int64_t p) { gh.run<T>(p, dwh, dh, n); });
+    gh.run<T>(p, dwh, nb > 1 ? partial + ((t % 2) * nb + p) * N * H : dh, n);
+  });
+  if (x.inline_ih && x.ts[D_X].has_value() && x.ts[D_X]->defined()) {
+    // dx_t = dL/d(W_ih x_t) W_ih for the chunk's steps (DWX holds them: rows beyond each
+    // step's sequences are zero)
+    const int64_t k = t1 - t0;
+    at::Tensor dx = x.at_(D_X).narrow(0, t0, k).view({k * N, x.I});
+    at::mm_out(dx, x.at_(DWX).narrow(0, 0, k).view({k * N, G}), x.at_(W_IH));
   }
 }
 
