@@ -204,9 +204,13 @@ bool g_use_packed = true;  // set_gemm("packed" | "mm")
 struct Blocks {
   std::vector<int64_t> j0, j1;
   Blocks(int64_t H, int64_t n_blocks) {
-    // boundaries on multiples of 16 units (a 64-byte line of floats)
-    const int64_t w = std::max<int64_t>(16, (H / n_blocks + 15) / 16 * 16);
-    for (int64_t a = 0; a < H; a += w) j0.push_back(a), j1.push_back(std::min(H, a + w));
+    // boundaries on multiples of 16 units (a 64-byte line of floats), as even as that allows
+    int64_t a = 0;
+    for (int64_t p = 1; p <= n_blocks && a < H; ++p) {
+      const int64_t b = p == n_blocks ? H : std::max(a + 16, (H * p / n_blocks + 8) / 16 * 16);
+      j0.push_back(a), j1.push_back(std::min(H, b));
+      a = std::min(H, b);
+    }
   }
   int64_t size() const { return (int64_t)j0.size(); }
 };
