@@ -21,8 +21,9 @@ import bnrnn
 from bnrnn import fast
 
 # "compiled-blocks": the compiled loops with every step split by hidden units over two
-# threads (blocks of 16 units, the last one partial), as large layers run.
-BACKENDS = ["compiled", "compiled-blocks", "python"]
+# threads (blocks of 16 units, the last one partial), as large layers run; "compiled-mkl":
+# the same with MKL's packed GEMM for the per-step products instead of oneDNN's brgemm.
+BACKENDS = ["compiled", "compiled-blocks", "compiled-mkl", "python"]
 # Tolerances relative to the largest magnitude of each compared tensor: float32 BN through
 # steps with two or three sequences amplifies rounding (both paths are equally affected).
 TOL = {torch.float64: (1e-9, 1e-7), torch.float32: (1e-5, 2e-3)}
@@ -46,14 +47,20 @@ def backend(request, monkeypatch):
     previous = fast.get_backend()
     threads = torch.get_num_threads()
     fast.set_backend("python" if request.param == "python" else "compiled")
-    if request.param == "compiled-blocks":
+    blocks = request.param in ("compiled-blocks", "compiled-mkl")
+    if blocks:
         from bnrnn.fast import compiled
 
         compiled.load()
+        if request.param == "compiled-mkl" and not compiled.set_gemm("packed"):
+            compiled.set_gemm("brgemm")
+            fast.set_backend(previous)
+            pytest.skip("this torch build does not export MKL's packed GEMM")
         torch.set_num_threads(2)
         macs = compiled.set_block_macs(1)
     yield request.param
-    if request.param == "compiled-blocks":
+    if blocks:
+        compiled.set_gemm("brgemm")
         compiled.set_block_macs(macs)
         torch.set_num_threads(threads)
     fast.set_backend(previous)

@@ -139,8 +139,10 @@ def load_or_warn() -> Any:
 
 
 def set_gemm(name: str) -> bool:
-    """``"packed"``: MKL's packed GEMM for the per-step products (float32, when the torch
-    build exports it), ``"mm"``: at::mm. Returns whether the choice is available."""
+    """The GEMM of the per-step products in float32: ``"brgemm"`` (default: oneDNN's
+    micro-kernel, or torch's gemm where that is not built), ``"packed"``: MKL's packed GEMM
+    (when the torch build exports it), ``"mm"``: at::mm. Returns whether the choice is
+    available (if not, the loops use at::mm)."""
     return bool(torch.ops.bnrnn_fast.set_gemm(name))
 
 

@@ -10,6 +10,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <dlfcn.h>
@@ -194,7 +195,16 @@ const Mkl& mkl() {
   return m;
 }
 
-bool g_use_packed = true;  // set_gemm("packed" | "mm")
+// The per-step GEMMs (float32; double always uses at::mm):
+// - BRGEMM: oneDNN's batch-reduce GEMM micro-kernel through at::native::cpublas::brgemm,
+//   which reads A and B in place and writes C with beta 0 directly (torch falls back to
+//   its gemm where oneDNN's micro-kernels are not built or the CPU lacks AVX2);
+// - PACKED: MKL's packed GEMM (cblas_sgemm_compute on a B packed once per call);
+// - MM: at::mm.
+// On an AVX-512 AMD EPYC, per step (M 32, K 256, four gates of 128 columns, one thread):
+// BRGEMM 80 us, PACKED 96 us (MKL repacks A and scales C by beta each call), MM 117 us.
+enum Gemm { BRGEMM = 0, PACKED = 1, MM = 2 };
+Gemm g_gemm = BRGEMM;  // set_gemm("brgemm" | "packed" | "mm")
 
 // A step split by hidden units: block p owns units [j0, j1). In the forward it computes the
 // columns of its four gates (k H + j0 .. k H + j1) of the step GEMMs itself, then the gate
@@ -222,11 +232,13 @@ struct BlockGemm {
   at::Tensor B;  // (K, L) contiguous
   int64_t K, L, S, gates;
   const Blocks* blocks;
-  std::vector<at::Tensor> packed;  // [p * gates + k], MKL packed, or empty: at::mm
+  Gemm mode;
+  std::vector<at::Tensor> packed;  // [p * gates + k] when mode == PACKED
   BlockGemm(const at::Tensor& B_, int64_t S_, int64_t gates_, const Blocks& bl, int64_t max_m)
       : B(B_.contiguous()), K(B_.size(0)), L(B_.size(1)), S(S_), gates(gates_), blocks(&bl) {
-    const bool use = g_use_packed && B.scalar_type() == at::kFloat && mkl().ok() && max_m > 0;
-    for (int64_t p = 0; p < bl.size() && use; ++p) {
+    const bool f32 = B.scalar_type() == at::kFloat;
+    mode = !f32 ? MM : g_gemm == PACKED && !(mkl().ok() && max_m > 0) ? MM : g_gemm;
+    for (int64_t p = 0; p < bl.size() && mode == PACKED; ++p) {
       const int64_t w = bl.j1[p] - bl.j0[p];
       for (int64_t k = 0; k < gates; ++k) {
         size_t bytes = mkl().size(162, (int)max_m, (int)w, (int)K);
@@ -243,7 +255,11 @@ struct BlockGemm {
     if (m == 0) return;
     const int64_t j0 = blocks->j0[p], w = blocks->j1[p] - j0;
     for (int64_t k = 0; k < gates; ++k) {
-      if (!packed.empty()) {
+      if (mode == BRGEMM) {
+        at::native::cpublas::brgemm(m, w, K, K, L, L, false, reinterpret_cast<const float*>(A),
+                                    B.const_data_ptr<float>() + k * S + j0,
+                                    reinterpret_cast<float*>(C) + k * S + j0);
+      } else if (mode == PACKED) {
         mkl().compute(101, 111, 151, (int)m, (int)w, (int)K, reinterpret_cast<const float*>(A),
                       (int)K, packed[p * gates + k].data_ptr<float>(), (int)w, 0.0f,
                       reinterpret_cast<float*>(C) + k * S + j0, (int)L);
@@ -264,11 +280,13 @@ struct RowGemm {
   at::Tensor B;  // (G, L) contiguous
   int64_t G, L, S;
   const Blocks* blocks;
-  std::vector<at::Tensor> packed;  // [p * 4 + k], MKL packed, or empty: at::mm
+  Gemm mode;
+  std::vector<at::Tensor> packed;  // [p * 4 + k] when mode == PACKED
   RowGemm(const at::Tensor& B_, int64_t S_, const Blocks& bl, int64_t max_m)
       : B(B_.contiguous()), G(B_.size(0)), L(B_.size(1)), S(S_), blocks(&bl) {
-    const bool use = g_use_packed && B.scalar_type() == at::kFloat && mkl().ok() && max_m > 0;
-    for (int64_t p = 0; p < bl.size() && use; ++p) {
+    const bool f32 = B.scalar_type() == at::kFloat;
+    mode = !f32 ? MM : g_gemm == PACKED && !(mkl().ok() && max_m > 0) ? MM : g_gemm;
+    for (int64_t p = 0; p < bl.size() && mode == PACKED; ++p) {
       const int64_t w = bl.j1[p] - bl.j0[p];
       for (int64_t k = 0; k < G / S; ++k) {
         size_t bytes = mkl().size(162, (int)max_m, (int)L, (int)w);
@@ -285,7 +303,12 @@ struct RowGemm {
     if (m == 0) return;
     const int64_t j0 = blocks->j0[p], w = blocks->j1[p] - j0;
     for (int64_t k = 0; k < G / S; ++k) {
-      if (!packed.empty()) {
+      if (mode == BRGEMM) {
+        at::native::cpublas::brgemm(m, L, w, G, L, L, k > 0,
+                                    reinterpret_cast<const float*>(A) + k * S + j0,
+                                    B.const_data_ptr<float>() + (k * S + j0) * L,
+                                    reinterpret_cast<float*>(C));
+      } else if (mode == PACKED) {
         mkl().compute(101, 111, 151, (int)m, (int)L, (int)w,
                       reinterpret_cast<const float*>(A) + k * S + j0, (int)G,
                       packed[p * (G / S) + k].data_ptr<float>(), (int)L, k ? 1.0f : 0.0f,
@@ -1071,8 +1094,9 @@ int64_t set_block_macs(int64_t macs) {
 }
 
 bool set_gemm(std::string name) {
-  g_use_packed = name == "packed";
-  return !g_use_packed || mkl().ok();
+  TORCH_CHECK(name == "brgemm" || name == "packed" || name == "mm", "unknown GEMM ", name);
+  g_gemm = name == "brgemm" ? BRGEMM : name == "packed" ? PACKED : MM;
+  return g_gemm != PACKED || mkl().ok();
 }
 
 }  // namespace
