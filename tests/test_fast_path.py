@@ -272,11 +272,13 @@ def test_backward_twice_with_retain_graph(backend):
 
 
 @pytest.mark.parametrize("norm", ["cooijmans", "preactivation"])
-@pytest.mark.parametrize("input_size", [2, 10])  # inside-the-step W_ih x, and one GEMM
-def test_gradcheck_fast_path(backend, norm, input_size):
+# W_ih x inside the step; one GEMM with xhat_ih recomputed by the backward (input no wider
+# than hidden); one GEMM with xhat_ih kept (wider input)
+@pytest.mark.parametrize("input_size,hidden", [(2, 3), (10, 9), (10, 3)])
+def test_gradcheck_fast_path(backend, norm, input_size, hidden):
     """gradcheck in float64 through the fast path itself (batch statistics not detached)."""
     torch.manual_seed(5)
-    m = bnrnn.BNLSTM(input_size, 3, norm=norm, impl="fused", dtype=torch.float64)
+    m = bnrnn.BNLSTM(input_size, hidden, norm=norm, impl="fused", dtype=torch.float64)
     _randomise(m)
     m.train()
     names = [n for n, _ in m.named_parameters()]
@@ -289,8 +291,8 @@ def test_gradcheck_fast_path(backend, norm, input_size):
         return out, h, c
 
     x = torch.randn(3, 4, input_size, dtype=torch.float64, requires_grad=True)
-    h0 = torch.randn(1, 4, 3, dtype=torch.float64, requires_grad=True)
-    c0 = torch.randn(1, 4, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(1, 4, hidden, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(1, 4, hidden, dtype=torch.float64, requires_grad=True)
     params = tuple(p.detach().clone().requires_grad_() for p in m.parameters())
     assert torch.autograd.gradcheck(fn, (x, h0, c0) + params, eps=1e-6, atol=1e-5, rtol=1e-4)
 

@@ -15,9 +15,10 @@ filled them with the population row.
 Buffers (``save``: kept for the backward; otherwise a one-step scratch, index 0):
     WX  (T, N, G)  in: W_ih x_t; out: the normalised input term xhat_ih ("cooijmans",
                    "input"), or the normalised pre-activation xhat_pre ("preactivation").
-                   Kept for the backward only for "preactivation" and sequence-wise
-                   statistics; else the backward recomputes xhat_ih a chunk at a time, and
-                   its WX holds steps [t0, t1) of the chunk at t - t0.
+                   Kept for the backward only for "preactivation", sequence-wise
+                   statistics and inputs wider than H (keep_ih); else the backward
+                   recomputes xhat_ih a chunk at a time, and its WX holds steps [t0, t1)
+                   of the chunk at t - t0.
     XH  (T|1, N, G) xhat of W_hh h_{t-1} ("cooijmans"), else scratch for W_hh h_{t-1}
     ACT (T|1, N, G) LSTM gate activations sig(i), sig(f), tanh(g), sig(o); RNN scratch
     C   (T|1, N, H) LSTM un-normalised cell c_t (without ``save``: the running cell state)
@@ -49,6 +50,7 @@ class Plan:
     has_hh: bool = False  # BN of W_hh h (Cooijmans eq. 6)
     has_pre: bool = False  # BN of W_hh h + W_ih x (Laurent eq. 17)
     has_c: bool = False  # BN of c_t (Cooijmans eq. 8)
+    keep_ih: bool = False  # keep xhat_ih for the backward rather than recompute it
     eps: tuple[float, float, float, float] = (1e-5, 1e-5, 1e-5, 1e-5)  # ih, hh, pre, c
     save: bool = True
     # compiled loops only: W_ih x_t computed inside the step from x (small input sizes)
@@ -61,8 +63,9 @@ class Plan:
     @property
     def keep_wx(self) -> bool:
         """WX (normalised) is kept for the backward: it holds xhat of the whole
-        pre-activation, or sequence-wise statistics need all steps at once."""
-        return self.save and (self.has_pre or self.ih_seq)
+        pre-activation, or sequence-wise statistics need all steps at once, or the input
+        is wide (keep_ih)."""
+        return self.save and (self.has_pre or self.ih_seq or self.keep_ih)
 
 
 @dataclass
