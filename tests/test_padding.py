@@ -180,3 +180,22 @@ def test_reverse_direction_is_forward_over_reversed_unpadded_part(input_stats):
         torch.testing.assert_close(out[:L, i, 4:], o[:, 0].flip(0))
         torch.testing.assert_close(h[1, i], h1[0, 0])
         assert torch.all(out[L:, i] == 0)
+
+
+@pytest.mark.parametrize("lengths", [[5, 5, 5], [5, 3, 1]])
+def test_reverse_padded(lengths):
+    """Each sequence's unpadded part reversed, padding in place, the same with no padding
+    (a flip) as with padding (an index per sequence); twice gives the input back, and the
+    gradient is the reversal of the output gradient."""
+    from bnrnn.packing import reverse_padded
+
+    x = torch.randn(5, 3, 2, dtype=torch.float64, requires_grad=True)
+    lens = torch.tensor(lengths)
+    y = reverse_padded(x, lens)
+    for n, length in enumerate(lengths):
+        assert torch.equal(y[:length, n], x[:length, n].flip(0))
+        assert torch.equal(y[length:, n], x[length:, n])
+    assert torch.equal(reverse_padded(y, lens), x)
+    w = torch.randn_like(y)
+    (y * w).sum().backward()
+    assert torch.equal(x.grad, reverse_padded(w, lens))
