@@ -17,10 +17,12 @@ with the same input form (packed where ours is packed):
   library scratch.
 
 for bnrnn's fast path (``impl="auto"``, norm="cooijmans", and norm="input" /
-"preactivation" for speed), and the plain reference loop (``impl="reference"``). Times are
-the best of ``--rounds`` interleaved rounds (every model once per round), which filters out
-other processes on a shared machine. Then the growth with T (mid configuration at T = 100,
-400, 1600): time per step and memory per step stay flat when cost is linear in T.
+"preactivation" for speed), and the plain reference loop (``impl="reference"``). Every
+model runs once per round, side by side (interleaved), for ``--rounds`` rounds: times are
+the best of the rounds; time ratios are the median over rounds of the model's time /
+nn.LSTM's time in the same round, since the machine's speed drifts by 10-20% over seconds.
+Then the growth with T (mid configuration at T = 100, 400, 1600): time per step and memory
+per step stay flat when cost is linear in T.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -166,25 +169,34 @@ def peak_bytes(cfg: Config, variant: str, threads: int, T: int | None = None) ->
 
 
 def best_times(cfg: Config, variants: list[str], rounds: int, ref_rounds: int):
-    """Best-of-rounds train and eval times, every model once per round (interleaved)."""
+    """Train and eval times, every model once per round (interleaved): the best time of
+    each, and the median over rounds of each model's time / nn.LSTM's time in the same
+    round (the machine's speed drifts by 10-20% over seconds here; a ratio of times taken
+    side by side cancels most of it)."""
     x = make_input(cfg)
     models = {v: make_model(cfg, v) for v in variants}
     for m in models.values():  # warm-up
         train_step(m, x)
         eval_step(m, x)
-    best: dict[tuple[str, str], float] = {}
+    times: dict[tuple[str, str], list[float]] = {}
     for r in range(rounds):
-        for v, m in models.items():
-            if v == "reference" and r >= ref_rounds:
-                continue
-            for mode, fn in (("train", train_step), ("eval", eval_step)):
+        for mode, fn in (("train", train_step), ("eval", eval_step)):
+            for v, m in models.items():
+                if v == "reference" and r >= ref_rounds:
+                    continue
                 m.zero_grad(set_to_none=True)
                 t0 = time.perf_counter()
                 fn(m, x)
-                dt = time.perf_counter() - t0
-                best[v, mode] = min(best.get((v, mode), float("inf")), dt)
+                times.setdefault((v, mode), []).append(time.perf_counter() - t0)
+    best = {k: min(ts) for k, ts in times.items()}
+    ratio = {
+        (v, mode): statistics.median(
+            t / base for t, base in zip(ts, times["lstm", mode], strict=False)
+        )
+        for (v, mode), ts in times.items()
+    }
     saved = {v: saved_bytes(m, x) for v, m in models.items()}
-    return best, saved
+    return best, ratio, saved
 
 
 def fmt_ratio(a: float | None, b: float | None) -> str:
@@ -215,7 +227,7 @@ def main() -> None:
         f"torch {torch.__version__}, {args.threads} threads, float32; times: best of "
         f"{args.rounds} interleaved rounds"
         + ("" if args.no_reference else f" (reference: {args.ref_rounds})")
-        + "; ratios to nn.LSTM"
+        + "; time ratios to nn.LSTM: median of the rounds' paired ratios"
     )
     from bnrnn.fast import compiled
 
@@ -229,7 +241,7 @@ def main() -> None:
     print("-" * len(header))
     for name in args.configs.split(","):
         cfg = CONFIGS[name]
-        best, saved = best_times(cfg, variants, args.rounds, args.ref_rounds)
+        best, ratio, saved = best_times(cfg, variants, args.rounds, args.ref_rounds)
         peaks = {}
         for v in variants:
             if not args.no_peak and not v.startswith("fast-"):
@@ -238,8 +250,8 @@ def main() -> None:
             tr, ev = best[v, "train"], best[v, "eval"]
             pk = peaks.get(v)
             print(
-                f"{name:<12} {v:<12} {tr * 1e3:9.1f} {fmt_ratio(tr, best['lstm', 'train']):>6} "
-                f"{ev * 1e3:9.1f} {fmt_ratio(ev, best['lstm', 'eval']):>6} "
+                f"{name:<12} {v:<12} {tr * 1e3:9.1f} {ratio[v, 'train']:6.2f} "
+                f"{ev * 1e3:9.1f} {ratio[v, 'eval']:6.2f} "
                 f"{saved[v] / 2**20:9.1f} {fmt_ratio(saved[v], saved['lstm']):>6} "
                 f"{'-' if pk is None else f'{pk / 2**20:8.1f}':>8} "
                 f"{fmt_ratio(pk, peaks.get('lstm')):>6}",
@@ -259,14 +271,14 @@ def main() -> None:
     base = CONFIGS["mid"]
     for T in (100, 400, 1600):
         cfg = Config("mid", base.N, base.H, base.I, T)
-        best, saved = best_times(cfg, ["lstm", "fast"], max(2, args.rounds - 2), 0)
+        best, ratio, saved = best_times(cfg, ["lstm", "fast"], max(2, args.rounds - 2), 0)
         peaks = {}
         if not args.no_peak:
             peaks = {v: peak_bytes(cfg, v, args.threads, T) for v in ("lstm", "fast")}
         lt, ft = best["lstm", "train"], best["fast", "train"]
         fp = peaks.get("fast")
         print(
-            f"{T:5d} {lt / T * 1e3:13.3f} {ft / T * 1e3:13.3f} {ft / lt:6.2f} "
+            f"{T:5d} {lt / T * 1e3:13.3f} {ft / T * 1e3:13.3f} {ratio['fast', 'train']:6.2f} "
             f"{saved['fast'] / T / 1024:14.1f} {fmt_ratio(saved['fast'], saved['lstm']):>6} "
             f"{'-' if fp is None else f'{fp / T / 1024:13.1f}':>13} "
             f"{fmt_ratio(fp, peaks.get('lstm')):>6}",

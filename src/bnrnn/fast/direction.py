@@ -122,8 +122,10 @@ def _linear(a: Tensor, w: Tensor) -> Tensor:
     """a @ w.t() for the large input GEMMs over all steps. float32 on the CPU goes through
     oneDNN's matmul, the GEMM nn.LSTM uses, which ran 10-30% faster than torch.mm (MKL) on
     these shapes here (2 threads; the weight-gradient GEMMs, which need a transposed
-    operand, stay on torch.mm, which was faster for them)."""
-    if _ONEDNN_LINEAR and a.dtype == torch.float32 and a.device.type == "cpu":
+    operand, stay on torch.mm, which was faster for them). Not while
+    ``torch.backends.mkldnn.enabled`` is False."""
+    cpu32 = a.dtype == torch.float32 and a.device.type == "cpu"
+    if _ONEDNN_LINEAR and cpu32 and torch._C._get_mkldnn_enabled():
         return torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
     return torch.mm(a, w.t())
 
