@@ -1,9 +1,9 @@
 // The recurrence of the fast path, compiled: the same two functions as loops.py
 // (forward_loop, backward_loop), with the same buffers and the same results to float
-// tolerance. Per step: the GEMMs (MKL's packed GEMM when the torch build exports it, else
-// at::mm) and one fused pass over the step's gates, split over threads by hidden units
-// (every BN statistic is per feature, so hidden units are independent within a step): see
-// Blocks and BlockGemm.
+// tolerance. Per step: the GEMMs (oneDNN's brgemm micro-kernel by default, see Gemm) and
+// one fused pass over the step's gates, split over threads by hidden units (every BN
+// statistic is per feature, so hidden units are independent within a step): see Blocks,
+// BlockGemm and RowGemm.
 //
 // Registered as torch.ops.bnrnn_fast.forward_loop / backward_loop; the tensors come as one
 // list in the order of compiled.py (_ORDER).
