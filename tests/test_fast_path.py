@@ -191,7 +191,8 @@ def test_without_onednn(backend, norm):
 def test_no_grad_evaluation(backend, cls, norm, input_stats, dtype):
     """Evaluation under no_grad, where every BN is an affine map and the compiled LSTM step
     is one fused pass: packed input (steps beyond max_length read the last population row),
-    an initial state, two bidirectional layers (a small and a large input)."""
+    and a batch with no padding (the reverse direction walks time backwards instead of
+    flipping), an initial state, two bidirectional layers (a small and a large input)."""
     ref, fused = _pair(
         cls,
         dtype,
@@ -205,32 +206,41 @@ def test_no_grad_evaluation(backend, cls, norm, input_stats, dtype):
     x = torch.randn(7, 6, 3, dtype=dtype)
     h0 = torch.randn(4, 6, 20, dtype=dtype)
     hx = (h0, torch.randn(4, 6, 20, dtype=dtype)) if cls is bnrnn.BNLSTM else h0
-    results = []
-    for m in (ref, fused):
-        m.eval()
-        with torch.no_grad():
-            out, state = m(pack_padded_sequence(x, lengths, enforce_sorted=False), hx)
-        results.append((out.data, state if isinstance(state, tuple) else (state,)))
-    (o1, s1), (o2, s2) = results
-    _assert_close(o1, o2, dtype, "output")
-    for k, (a, b) in enumerate(zip(s1, s2)):
-        _assert_close(a, b, dtype, f"state {k}")
+    for inp in (pack_padded_sequence(x, lengths, enforce_sorted=False), x):
+        results = []
+        for m in (ref, fused):
+            m.eval()
+            with torch.no_grad():
+                out, state = m(inp, hx)
+            out = out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out
+            results.append((out, state if isinstance(state, tuple) else (state,)))
+        (o1, s1), (o2, s2) = results
+        _assert_close(o1, o2, dtype, "output")
+        for k, (a, b) in enumerate(zip(s1, s2)):
+            _assert_close(a, b, dtype, f"state {k}")
 
 
 @pytest.mark.parametrize("norm,input_stats", PLACEMENTS)
 def test_padded_full_length_and_initial_state(backend, norm, input_stats):
     """A padded batch_first tensor without lengths, an explicit initial state (gradients
-    flow into it), one direction, float32 at a training-sized batch."""
+    flow into it), both directions (the reverse one of a batch with no padding), float32
+    at a training-sized batch."""
     torch.manual_seed(1)
     ref = bnrnn.BNLSTM(
-        12, 24, norm=norm, input_stats=input_stats, batch_first=True, impl="reference"
+        12,
+        24,
+        norm=norm,
+        input_stats=input_stats,
+        batch_first=True,
+        bidirectional=True,
+        impl="reference",
     )
     _randomise(ref)
     fused = copy.deepcopy(ref)
     fused.impl = "fused"
     x = torch.randn(8, 9, 12)
-    h0 = torch.randn(1, 8, 24, requires_grad=True)
-    c0 = torch.randn(1, 8, 24, requires_grad=True)
+    h0 = torch.randn(2, 8, 24, requires_grad=True)
+    c0 = torch.randn(2, 8, 24, requires_grad=True)
     for train in (True, False):
         r1 = _run(ref, x, train, hx=(h0, c0))
         g1 = (h0.grad.clone(), c0.grad.clone())

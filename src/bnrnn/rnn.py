@@ -278,6 +278,7 @@ class _BNRNNBase(nn.Module):
             )
         init = self._initial_states(hx, batch, x)
         D = 2 if self.bidirectional else 1
+        unpadded = all(n == x.shape[1] for n in batch.batch_sizes)
         step = self._step_fn()
         finals: list[list[Tensor]] = [[] for _ in init]
         layer_input = x
@@ -286,21 +287,27 @@ class _BNRNNBase(nn.Module):
             for d in range(D):
                 index = layer * D + d
                 state: State = tuple(s[index] for s in init)
-                xin = layer_input if d == 0 else reverse_padded(layer_input, batch.lengths)
                 params = self._direction(index)
                 run = reference_direction
                 if self.impl != "reference":
                     from . import fast  # the fused path; the reference is its test oracle
 
-                    if fast.supports(xin, batch.batch_sizes, params, step):
+                    if fast.supports(layer_input, batch.batch_sizes, params, step):
                         run = fast.fast_direction
                     elif self.impl == "fused":
                         raise ValueError(
                             "impl='fused' does not support this configuration (synchronised "
                             "statistics or a custom step); use impl='auto' or 'reference'"
                         )
-                out, state = run(xin, batch.batch_sizes, state, params, step, time_offset)
-                outs.append(out if d == 0 else reverse_padded(out, batch.lengths))
+                args = (batch.batch_sizes, state, params, step, time_offset)
+                if d == 1 and run is not reference_direction and unpadded:
+                    out, state = run(layer_input, *args, reverse=True)  # walks time backwards
+                elif d == 1:
+                    out, state = run(reverse_padded(layer_input, batch.lengths), *args)
+                    out = reverse_padded(out, batch.lengths)
+                else:
+                    out, state = run(layer_input, *args)
+                outs.append(out)
                 for k, s in enumerate(state):
                     finals[k].append(s)
             layer_input = outs[0] if D == 1 else torch.cat(outs, -1)  # (T, N, D*H)

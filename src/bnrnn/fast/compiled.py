@@ -172,6 +172,7 @@ class _Ops:
             int(plan.inline_ih),
             plan.wx_base,
             int(plan.step_ih),
+            int(plan.reverse),
         ]
 
     @staticmethod

@@ -423,6 +423,11 @@ struct Ctx {
   // W_ih x_t computed at each step by the blocks (BlockGemm) from x (T, N, I) and
   // W_ih^T (I, G) into a one-step WX, read back from L1/L2. Else WX is given.
   bool step_ih = false;
+  // Without a backward, for a full batch: step t reads x and writes h at time T - 1 - t
+  // (the reverse direction without flipping its input and output). Statistics stay
+  // indexed by step.
+  bool rev = false;
+  int64_t row(int64_t t) const { return rev ? T - 1 - t : t; }
   std::vector<int64_t> sizes;
   std::vector<c10::optional<at::Tensor>> ts;
   Norm ih, hh, pre, c;
@@ -443,7 +448,9 @@ struct Ctx {
     inline_ih = cfg.size() > 10 && cfg[10];
     base = cfg.size() > 11 ? cfg[11] : 0;
     step_ih = cfg.size() > 12 && cfg[12];
+    rev = cfg.size() > 13 && cfg[13];
     T = (int64_t)sizes.size();
+    TORCH_CHECK(!rev || (!save && (inline_ih || step_ih)), "reversed time: no-grad steps only");
     for (size_t i = 0; i < list.size(); ++i) ts.push_back(list.get(i));
     ts.resize(N_TENSORS);
     if (ts[X_IN].has_value() && ts[X_IN]->defined()) I = ts[X_IN]->size(2);
@@ -541,7 +548,7 @@ inline void stats_or_identity(const Norm& nm, bool on, int64_t t, const T* z, in
 template <typename T>
 void project(const Ctx& x, int64_t t, int64_t n, int64_t col, int64_t w, T* __restrict__ out) {
   const int64_t G = x.G, I = x.I;
-  const T* X = x.ptr<T>(X_IN) + t * x.N * I;
+  const T* X = x.ptr<T>(X_IN) + x.row(t) * x.N * I;
   const T* WT = x.ptr<T>(W_IHT) + col;
   for (int64_t r = 0; r < n; ++r) {
     T* o = out + r * G;
@@ -567,7 +574,7 @@ void forward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1) {
   T* wx = x.ptr<T>(WX) + (x.inline_ih || x.step_ih ? 0 : t - x.base) * N * G;
   T* wh = x.ptr<T>(XH) + (x.has_hh ? s : 0) * N * G;
   T* act = x.ptr<T>(ACT) + (x.kind == LSTM ? s : 0) * N * G;
-  T* out = x.ptr<T>(OUT) + t * N * H;
+  T* out = x.ptr<T>(OUT) + x.row(t) * N * H;
   const T* bias = x.ptr<T>(BIAS);
   const T* g_ih = x.ptr<T>(G_IH);
   const T* g_hh = x.ptr<T>(G_HH);
@@ -774,10 +781,10 @@ void forward_impl(Ctx& x, int64_t t0, int64_t t1) {
     const int64_t t = t0 + i;
     const int64_t n = x.sizes[t];
     const int64_t s = x.save ? t : 0;
-    const T* h_prev = t == 0 ? x.ptr<T>(H0) : x.ptr<T>(OUT) + (t - 1) * N * H;
+    const T* h_prev = t == 0 ? x.ptr<T>(H0) : x.ptr<T>(OUT) + x.row(t - 1) * N * H;
     T* wh = x.ptr<T>(XH) + (x.has_hh ? s : 0) * N * G;
     gh.run<T>(p, h_prev, wh, n);
-    if (gi) gi->run<T>(p, x.ptr<T>(X_IN) + t * N * x.I, x.ptr<T>(WX), n);
+    if (gi) gi->run<T>(p, x.ptr<T>(X_IN) + x.row(t) * N * x.I, x.ptr<T>(WX), n);
     forward_block<T>(x, t, n, bl.j0[p], bl.j1[p]);
   });
 }

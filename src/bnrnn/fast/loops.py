@@ -59,6 +59,9 @@ class Plan:
     # compiled loops only: W_ih x_t computed at each step into a one-step WX, by each block
     # for its own columns
     step_ih: bool = False
+    # compiled loops only, without a backward: x and the output run in reversed time (the
+    # reverse direction of a batch with no padding, without flipping x and the output)
+    reverse: bool = False
 
     @property
     def keep_wx(self) -> bool:
