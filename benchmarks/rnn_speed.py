@@ -20,7 +20,8 @@ for bnrnn's fast path (``impl="auto"``, norm="cooijmans", and norm="input" /
 "preactivation" for speed), and the plain reference loop (``impl="reference"``). Every
 model runs once per round, side by side (interleaved), for ``--rounds`` rounds: times are
 the best of the rounds; time ratios are the median over rounds of the model's time /
-nn.LSTM's time in the same round, since the machine's speed drifts by 10-20% over seconds.
+nn.LSTM's time in the same round, since the machine's speed drifts by 10-20% over seconds
+("(best)": the ratio of the best times, for comparison).
 Then the growth with T (mid configuration at T = 100, 400, 1600): time per step and memory
 per step stay flat when cost is linear in T.
 """
@@ -234,8 +235,9 @@ def main() -> None:
     compiled.load()  # build once before timing
 
     header = (
-        f"{'config':<12} {'model':<12} {'train ms':>9} {'ratio':>6} {'eval ms':>9} "
-        f"{'ratio':>6} {'saved MB':>9} {'ratio':>6} {'peak MB':>8} {'ratio':>6}"
+        f"{'config':<12} {'model':<12} {'train ms':>9} {'ratio':>6} {'(best)':>6} "
+        f"{'eval ms':>9} {'ratio':>6} {'(best)':>6} {'saved MB':>9} {'ratio':>6} "
+        f"{'peak MB':>8} {'ratio':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -251,7 +253,9 @@ def main() -> None:
             pk = peaks.get(v)
             print(
                 f"{name:<12} {v:<12} {tr * 1e3:9.1f} {ratio[v, 'train']:6.2f} "
+                f"{fmt_ratio(tr, best['lstm', 'train']):>6} "
                 f"{ev * 1e3:9.1f} {ratio[v, 'eval']:6.2f} "
+                f"{fmt_ratio(ev, best['lstm', 'eval']):>6} "
                 f"{saved[v] / 2**20:9.1f} {fmt_ratio(saved[v], saved['lstm']):>6} "
                 f"{'-' if pk is None else f'{pk / 2**20:8.1f}':>8} "
                 f"{fmt_ratio(pk, peaks.get('lstm')):>6}",
