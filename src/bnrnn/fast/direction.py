@@ -315,10 +315,11 @@ def _forward(
     save = plan.save
     S = T if save else 1
     # The backward keeps W_ih x (normalised) only for "preactivation" (it holds xhat of the
-    # whole pre-activation) and sequence-wise statistics; otherwise it recomputes xhat_ih
-    # from x a chunk at a time. Then the compiled loop computes W_ih x_t at each step, each
-    # block its own columns (read back from L1/L2; one GEMM per chunk of steps measured no
-    # faster); the Python loops without a backward take EVAL_CHUNK steps at a time.
+    # whole pre-activation), sequence-wise statistics and inputs wider than H; otherwise it
+    # recomputes xhat_ih. Then the compiled loops compute W_ih x_t at each step, forward
+    # and backward, each block its own columns (read back from L1/L2; one GEMM per chunk
+    # of steps measured no faster); the Python loops recompute it a chunk at a time in the
+    # backward, and without a backward take EVAL_CHUNK steps at a time.
     plan.step_ih = (
         cfg.ext is not None and not plan.inline_ih and not plan.ih_seq and not plan.keep_wx
     )
@@ -498,6 +499,12 @@ class _FastDirection(torch.autograd.Function):
         dw_hh = zeros(G, H) if need[4] else None
         wx_kept = b.WX
         recompute = plan.has_ih and not plan.inline_ih and wx_kept is None
+        if recompute and plan.step_ih and cfg.ext is not None:
+            # the compiled loop recomputes W_ih x_t at each step, each block its columns
+            recompute = False
+            b.x = x.contiguous()
+            b.w_ihT = w_ih.t().contiguous()
+            b.XS = x.new_empty(1, N, G)
         if wx_kept is None:
             b.WX = x.new_empty(K if recompute else 1, N, G)
         for t1 in range(T, 0, -K):

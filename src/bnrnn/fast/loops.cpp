@@ -903,8 +903,8 @@ void backward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1, T* scr
   T* dwx_sep = x.ptr<T>(DWH);
   T* dwh = (dwx_sep == x.ptr<T>(DWX)) ? nullptr : dwx_sep + (t - x.base) * N * G;
   const T* xih = nullptr;
-  if (x.inline_ih && x.has_ih) {
-    xih = x.ptr<T>(XS);  // recomputed below for this block's columns
+  if ((x.inline_ih || x.step_ih) && x.has_ih) {
+    xih = x.ptr<T>(XS);  // recomputed for this block's columns (below, or by the caller)
   } else if (x.has_ih || x.has_pre) {
     xih = x.ptr<T>(WX) + (t - x.base) * N * G;  // WX holds the chunk's steps
   }
@@ -991,9 +991,9 @@ void backward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1, T* scr
     }
     for (int64_t k = 0; k < gates; ++k) {
       const int64_t col = k * H + ja;
-      if (x.inline_ih && x.has_ih) {  // xhat_ih = (W_ih x_t - mean) * rstd, recomputed
-        T* xs = x.ptr<T>(XS) + col;
-        project(x, t, n, col, w, xs);
+      if ((x.inline_ih || x.step_ih) && x.has_ih) {  // xhat_ih = (W_ih x_t - mean) * rstd
+        T* xs = x.ptr<T>(XS) + col;  // W_ih x_t: step_ih: the caller's GEMM put it here
+        if (x.inline_ih) project(x, t, n, col, w, xs);
         const T* mean = x.ih.mean<T>(t) + col;
         const T* var = x.ih.var<T>(t) + col;
         T rs[CHUNK];
@@ -1035,6 +1035,11 @@ void backward_impl(Ctx& x, int64_t t0, int64_t t1) {
   Blocks bl(H, n_blocks(N * G * H));
   const int64_t nb = bl.size();
   RowGemm gh(x.at_(W_HH), H, bl, N);
+  // step_ih: W_ih x_t recomputed at each step by the blocks for their own columns (read
+  // back from L1/L2) instead of a GEMM over the chunk before the loop and a pass to
+  // normalise it
+  c10::optional<BlockGemm> gi;
+  if (x.step_ih && x.has_ih) gi.emplace(x.at_(W_IHT), H, G / H, bl, N);
   T* dh = x.ptr<T>(D_H);
   at::Tensor partial_t;
   if (nb > 1) partial_t = at::empty({2, nb, N, H}, x.at_(W_HH).options());
@@ -1065,6 +1070,7 @@ void backward_impl(Ctx& x, int64_t t0, int64_t t1) {
     // rows beyond the sequences present at t + 1 keep dh as it came in (dL/dh_n)
     if (nb > 1 && t + 1 < t1) gather((t + 1) % 2, x.sizes[t + 1], p);
     T* s = scratch[p].data();
+    if (gi) gi->run<T>(p, x.ptr<T>(X_IN) + t * N * x.I, x.ptr<T>(XS), n);
     backward_block<T>(x, t, n, bl.j0[p], bl.j1[p], s, s + N * CHUNK);
     const T* dwh = x.ptr<T>(DWH) + (t - t0) * N * G;
     gh.run<T>(p, dwh, nb > 1 ? partial + ((t % 2) * nb + p) * N * H : dh, n);

@@ -18,7 +18,8 @@ Buffers (``save``: kept for the backward; otherwise a one-step scratch, index 0)
                    Kept for the backward only for "preactivation", sequence-wise
                    statistics and inputs wider than H (keep_ih); else the backward
                    recomputes xhat_ih a chunk at a time, and its WX holds steps [t0, t1)
-                   of the chunk at t - t0.
+                   of the chunk at t - t0 (the compiled loops recompute it at each step
+                   into XS instead, with step_ih).
     XH  (T|1, N, G) xhat of W_hh h_{t-1} ("cooijmans"), else scratch for W_hh h_{t-1}
     ACT (T|1, N, G) LSTM gate activations sig(i), sig(f), tanh(g), sig(o); RNN scratch
     C   (T|1, N, H) LSTM un-normalised cell c_t (without ``save``: the running cell state)
