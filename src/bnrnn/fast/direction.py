@@ -423,12 +423,6 @@ def _staggered(x: Tensor, first: int = 0) -> Callable[..., Tensor]:
     return new
 
 
-def _collides(t: Tensor) -> bool:
-    """t starts within two cache lines, modulo 4 KiB, of a _staggered buffer."""
-    line = t.data_ptr() % 4096 // 64
-    return any(abs(line - (k * 9) % 64) <= 1 for k in range(_FORWARD_SLOTS + 6))
-
-
 def _lengths(sizes: list[int], N: int) -> list[int]:
     """Length of each of the N sorted sequences from the batch sizes."""
     present = torch.tensor(sizes)[:, None] > torch.arange(N)[None, :]  # (T, N)
@@ -497,8 +491,6 @@ class _FastDirection(torch.autograd.Function):
                 b.B[key] = ctx.flags[key]
         new = _staggered(x, _FORWARD_SLOTS)
         b.dOUT = d_out.contiguous() if d_out is not None else x.new_zeros(T, N, H)
-        if _collides(b.dOUT):  # autograd's buffer, read with the saved ones at every step
-            b.dOUT = new(T, N, H).copy_(b.dOUT)
         b.dh = _fresh(d_hn) if d_hn is not None else x.new_zeros(N, H)
         if lstm:
             b.dc = _fresh(d_cn) if d_cn is not None else x.new_zeros(N, H)
