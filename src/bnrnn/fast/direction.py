@@ -214,7 +214,7 @@ def fast_direction(
         and not plan.ih_seq
     )
     if reverse:
-        if any(n != x.shape[1] for n in plan.sizes):
+        if not _unpadded(plan.sizes, x.shape[1]):
             raise ValueError("reverse=True needs a batch with no padding")
         # The compiled loops walk x and the output backwards themselves without a backward
         # (saves the two flips: ~6% of a bidirectional evaluation); otherwise flip.
@@ -423,6 +423,11 @@ def _staggered(x: Tensor, first: int = 0) -> Callable[..., Tensor]:
     return new
 
 
+def _unpadded(sizes: list[int], N: int) -> bool:
+    """Every one of the N sequences is present at every step (no padding)."""
+    return all(n == N for n in sizes)
+
+
 def _lengths(sizes: list[int], N: int) -> list[int]:
     """Length of each of the N sorted sequences from the batch sizes."""
     present = torch.tensor(sizes)[:, None] > torch.arange(N)[None, :]  # (T, N)
@@ -496,16 +501,22 @@ class _FastDirection(torch.autograd.Function):
             b.dc = _fresh(d_cn) if d_cn is not None else x.new_zeros(N, H)
         separate = (plan.has_ih or plan.has_hh) and not plan.has_pre
         need = ctx.needs_input_grad[1:]
-        if plan.inline_ih:
+        wx_kept = b.WX
+        recompute = plan.has_ih and not plan.inline_ih and wx_kept is None
+        # the compiled loop recomputes W_ih x_t at each step, each block its columns
+        in_loop = recompute and plan.step_ih and cfg.ext is not None
+        recompute = recompute and not in_loop
+        if plan.inline_ih or in_loop:
             b.x = x.contiguous()
             b.w_ihT = w_ih.t().contiguous()
-            b.w_ih = w_ih.contiguous()
             b.XS = new(1, N, G)
+        if plan.inline_ih:
+            b.w_ih = w_ih.contiguous()
             b.dX = x.new_zeros(T, N, I) if need[0] else None
         # The backward runs in chunks of K steps: the gradients of W_ih x and W_hh h of a
         # chunk go into the weight gradients as one GEMM each, so only K steps of them are
         # held. Sequence-wise statistics need all steps first (one chunk).
-        chunks = CHUNKS if sum(plan.sizes) == T * N else CHUNKS_RAGGED
+        chunks = CHUNKS if _unpadded(plan.sizes, N) else CHUNKS_RAGGED
         K = T if plan.ih_seq else min(T, max(MIN_CHUNK, -(-T // chunks)))
         # (one step when the inline projection needs it for nothing else: its dW_ih is
         # accumulated inside the loop, dx is one GEMM over the chunk)
@@ -523,14 +534,6 @@ class _FastDirection(torch.autograd.Function):
         dx = x.new_empty(T, N, I) if (need[0] and not plan.inline_ih) else None
         dw_ih = zeros(G, I) if (need[3] and not plan.inline_ih) else None
         dw_hh = zeros(G, H) if need[4] else None
-        wx_kept = b.WX
-        recompute = plan.has_ih and not plan.inline_ih and wx_kept is None
-        if recompute and plan.step_ih and cfg.ext is not None:
-            # the compiled loop recomputes W_ih x_t at each step, each block its columns
-            recompute = False
-            b.x = x.contiguous()
-            b.w_ihT = w_ih.t().contiguous()
-            b.XS = new(1, N, G)
         if wx_kept is None:
             b.WX = new(K if recompute else 1, N, G)
         for t1 in range(T, 0, -K):

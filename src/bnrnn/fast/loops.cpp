@@ -206,6 +206,13 @@ const Mkl& mkl() {
 enum Gemm { BRGEMM = 0, PACKED = 1, MM = 2 };
 Gemm g_gemm = BRGEMM;  // set_gemm("brgemm" | "packed" | "mm")
 
+// The GEMM a loop uses for B: g_gemm for float32 (at::mm if MKL's packed GEMM is chosen
+// but not exported), at::mm for double.
+inline Gemm gemm_mode(const at::Tensor& B, int64_t max_m) {
+  if (B.scalar_type() != at::kFloat) return MM;
+  return g_gemm == PACKED && !(mkl().ok() && max_m > 0) ? MM : g_gemm;
+}
+
 // A step split by hidden units: block p owns units [j0, j1). In the forward it computes the
 // columns of its four gates (k H + j0 .. k H + j1) of the step GEMMs itself, then the gate
 // and BN work of the same units, so each thread reads back what it just wrote (L1/L2) and
@@ -238,8 +245,7 @@ struct BlockGemm {
   std::vector<at::Tensor> parts;
   BlockGemm(const at::Tensor& B_, int64_t S_, int64_t gates_, const Blocks& bl, int64_t max_m)
       : B(B_.contiguous()), K(B_.size(0)), L(B_.size(1)), S(S_), gates(gates_), blocks(&bl) {
-    const bool f32 = B.scalar_type() == at::kFloat;
-    mode = !f32 ? MM : g_gemm == PACKED && !(mkl().ok() && max_m > 0) ? MM : g_gemm;
+    mode = gemm_mode(B, max_m);
     for (int64_t p = 0; p < bl.size() && mode != MM; ++p) {
       const int64_t w = bl.j1[p] - bl.j0[p];
       for (int64_t k = 0; k < gates; ++k) {
@@ -290,8 +296,7 @@ struct RowGemm {
   std::vector<at::Tensor> packed;  // [p * 4 + k] when mode == PACKED
   RowGemm(const at::Tensor& B_, int64_t S_, const Blocks& bl, int64_t max_m)
       : B(B_.contiguous()), G(B_.size(0)), L(B_.size(1)), S(S_), blocks(&bl) {
-    const bool f32 = B.scalar_type() == at::kFloat;
-    mode = !f32 ? MM : g_gemm == PACKED && !(mkl().ok() && max_m > 0) ? MM : g_gemm;
+    mode = gemm_mode(B, max_m);
     for (int64_t p = 0; p < bl.size() && mode == PACKED; ++p) {
       const int64_t w = bl.j1[p] - bl.j0[p];
       for (int64_t k = 0; k < G / S; ++k) {
