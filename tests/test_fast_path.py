@@ -21,8 +21,9 @@ import bnrnn
 from bnrnn import fast
 
 # "compiled-blocks": the compiled loops with every step split by hidden units over two
-# threads (blocks of 16 units, the last one partial), as large layers run; "compiled-mkl":
-# the same with MKL's packed GEMM for the per-step products instead of oneDNN's brgemm.
+# threads (blocks of 16 units, the last one partial), as large layers run, and evaluation
+# split by batch rows, as small layers run; "compiled-mkl": the same with MKL's packed GEMM
+# for the per-step products instead of oneDNN's brgemm, and evaluation split by units.
 BACKENDS = ["compiled", "compiled-blocks", "compiled-mkl", "python"]
 # Tolerances relative to the largest magnitude of each compared tensor: float32 BN through
 # steps with two or three sequences amplifies rounding (both paths are equally affected).
@@ -58,10 +59,13 @@ def backend(request, monkeypatch):
             pytest.skip("this torch build does not export MKL's packed GEMM")
         torch.set_num_threads(2)
         macs = compiled.set_block_macs(1)
+        # evaluation: rows split over threads with brgemm, hidden units split with MKL
+        split = compiled.set_row_split_bytes(0 if request.param == "compiled-mkl" else 1 << 30)
     yield request.param
     if blocks:
         compiled.set_gemm("brgemm")
         compiled.set_block_macs(macs)
+        compiled.set_row_split_bytes(split)
         torch.set_num_threads(threads)
     fast.set_backend(previous)
 

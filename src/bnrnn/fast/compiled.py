@@ -153,6 +153,14 @@ def set_block_macs(macs: int) -> int:
     return int(torch.ops.bnrnn_fast.set_block_macs(macs))
 
 
+def set_row_split_bytes(nbytes: int) -> int:
+    """Bytes of the step's weights up to which a forward without batch statistics and
+    without a backward (evaluation) splits the batch rows over threads, each running every
+    step for its rows with no barrier; above it, hidden units are split as in training.
+    0 disables the row split. Returns the previous value; for tests and tuning."""
+    return int(torch.ops.bnrnn_fast.set_row_split_bytes(nbytes))
+
+
 class _Ops:
     """Calls the compiled loops with the arguments of `bnrnn.fast.loops`."""
 

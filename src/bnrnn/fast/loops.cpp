@@ -243,10 +243,14 @@ struct BlockGemm {
   // [p * gates + k]: PACKED: MKL's packed B; BRGEMM: B[:, k S + j0 : k S + j1] contiguous
   // (K, w), which streams 5-9% faster than reading the columns in place (ld L).
   std::vector<at::Tensor> parts;
+  // BRGEMM with one block of all units: one GEMM of all L columns of B in place (at
+  // (N 32, H 100) one call of 400 columns instead of four of 100, each with a masked tail)
+  bool whole = false;
   BlockGemm(const at::Tensor& B_, int64_t S_, int64_t gates_, const Blocks& bl, int64_t max_m)
       : B(B_.contiguous()), K(B_.size(0)), L(B_.size(1)), S(S_), gates(gates_), blocks(&bl) {
     mode = gemm_mode(B, max_m);
-    for (int64_t p = 0; p < bl.size() && mode != MM; ++p) {
+    whole = mode == BRGEMM && bl.size() == 1 && bl.j1[0] - bl.j0[0] == S && L == gates * S;
+    for (int64_t p = 0; p < bl.size() && mode != MM && !whole; ++p) {
       const int64_t w = bl.j1[p] - bl.j0[p];
       for (int64_t k = 0; k < gates; ++k) {
         if (mode == BRGEMM) {
@@ -265,6 +269,11 @@ struct BlockGemm {
   // region: the GEMM itself runs on this thread.
   template <typename T> void run(int64_t p, const T* A, T* C, int64_t m) const {
     if (m == 0) return;
+    if (whole) {
+      at::native::cpublas::brgemm(m, L, K, K, L, L, false, reinterpret_cast<const float*>(A),
+                                  B.const_data_ptr<float>(), reinterpret_cast<float*>(C));
+      return;
+    }
     const int64_t j0 = blocks->j0[p], w = blocks->j1[p] - j0;
     for (int64_t k = 0; k < gates; ++k) {
       if (mode == BRGEMM) {
@@ -551,9 +560,10 @@ inline void stats_or_identity(const Norm& nm, bool on, int64_t t, const T* z, in
 
 // out (n rows, w columns, row stride G) = x_t @ W_ih^T for the columns [col, col + w).
 template <typename T>
-void project(const Ctx& x, int64_t t, int64_t n, int64_t col, int64_t w, T* __restrict__ out) {
+void project(const Ctx& x, int64_t t, int64_t n, int64_t col, int64_t w, T* __restrict__ out,
+             int64_t r0 = 0) {
   const int64_t G = x.G, I = x.I;
-  const T* X = x.ptr<T>(X_IN) + x.row(t) * x.N * I;
+  const T* X = x.ptr<T>(X_IN) + (x.row(t) * x.N + r0) * I;
   const T* WT = x.ptr<T>(W_IHT) + col;
   for (int64_t r = 0; r < n; ++r) {
     T* o = out + r * G;
@@ -572,14 +582,18 @@ void project(const Ctx& x, int64_t t, int64_t n, int64_t col, int64_t w, T* __re
 // Forward: one step for hidden units [j0, j1).
 
 template <typename T>
-void forward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1) {
-  const int64_t H = x.H, G = x.G, N = x.N;
+void forward_block(Ctx& x, int64_t t, int64_t n_all, int64_t j0, int64_t j1, int64_t r0,
+                   int64_t r1) {
+  // rows [r0, r1) of the batch (all of them unless rows are split, see forward_impl): every
+  // pointer starts at row r0, n rows of them are present at t
+  const int64_t H = x.H, G = x.G, N = x.N, Nr = r1 - r0;
+  const int64_t n = std::clamp<int64_t>(n_all - r0, 0, Nr);
   const int64_t s = x.save ? t : 0;
   const int64_t gates = G / H;
-  T* wx = x.ptr<T>(WX) + (x.inline_ih || x.step_ih ? 0 : t - x.base) * N * G;
-  T* wh = x.ptr<T>(XH) + (x.has_hh ? s : 0) * N * G;
-  T* act = x.ptr<T>(ACT) + (x.kind == LSTM ? s : 0) * N * G;
-  T* out = x.ptr<T>(OUT) + x.row(t) * N * H;
+  T* wx = x.ptr<T>(WX) + (x.inline_ih || x.step_ih ? 0 : t - x.base) * N * G + r0 * G;
+  T* wh = x.ptr<T>(XH) + (x.has_hh ? s : 0) * N * G + r0 * G;
+  T* act = x.ptr<T>(ACT) + (x.kind == LSTM ? s : 0) * N * G + r0 * G;
+  T* out = x.ptr<T>(OUT) + x.row(t) * N * H + r0 * H;
   const T* bias = x.ptr<T>(BIAS);
   const T* g_ih = x.ptr<T>(G_IH);
   const T* g_hh = x.ptr<T>(G_HH);
@@ -595,7 +609,7 @@ void forward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1) {
       T co[14 * CHUNK];
       for (int64_t k = 0; k < 4; ++k) {
         const int64_t col = k * H + ja;
-        if (x.inline_ih) project(x, t, n, col, w, wx + col);
+        if (x.inline_ih) project(x, t, n, col, w, wx + col, r0);
         T* A = co + k * CHUNK;
         T* B = co + (4 + k) * CHUNK;
         T* Cst = co + (8 + k) * CHUNK;
@@ -616,28 +630,28 @@ void forward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1) {
         std::copy(x.ptr<T>(B_C) + ja, x.ptr<T>(B_C) + ja + w, Cc);
         fold_bn(x.c, t, ja, w, x.ptr<T>(G_C) + ja, Ac, Cc);
       }
-      T* c = x.ptr<T>(C);  // one step, c_{t-1} in and c_t out
+      T* c = x.ptr<T>(C) + r0 * H;  // one step, c_{t-1} in and c_t out
       for (int64_t r = 0; r < n; ++r)
         lstm_affine_row<T>(w, H, wh + r * G + ja, wx + r * G + ja, co, c + r * H + ja,
                            out + r * H + ja);
-      for (int64_t r = n; r < N; ++r) std::memset(out + r * H + ja, 0, w * sizeof(T));
+      for (int64_t r = n; r < Nr; ++r) std::memset(out + r * H + ja, 0, w * sizeof(T));
       continue;
     }
     if (x.kind == LSTM && !x.has_pre) {  // training: the same in three passes per row
       T co[28 * CHUNK];
       for (int64_t k = 0; k < 4; ++k) {
         const int64_t col = k * H + ja;
-        if (x.inline_ih) project(x, t, n, col, w, wx + col);
+        if (x.inline_ih) project(x, t, n, col, w, wx + col, r0);
         T* q = co + 7 * k * CHUNK;
         stats_or_identity(x.hh, x.has_hh, t, wh + col, G, n, col, w, g_hh, q);
         stats_or_identity(x.ih, x.has_ih, t, wx + col, G, n, col, w, g_ih, q + 3 * CHUNK);
         for (int64_t j = 0; j < w; ++j) q[6 * CHUNK + j] = bias ? bias[col + j] : T(0);
       }
-      T* c = x.ptr<T>(C) + s * N * H;
+      T* c = x.ptr<T>(C) + s * N * H + r0 * H;
       const bool inplace = !x.save;  // one-step C: c_{t-1} in, c_t out
       const T* c_prev = inplace ? nullptr
-                        : t == 0  ? x.ptr<T>(C0)
-                                  : x.ptr<T>(C) + (t - 1) * N * H;
+                        : t == 0  ? x.ptr<T>(C0) + r0 * H
+                                  : x.ptr<T>(C) + (t - 1) * N * H + r0 * H;
       for (int64_t r = 0; r < n; ++r) {
         T* a = act + r * G + ja;
         for (int64_t k = 0; k < 4; ++k) {
@@ -661,12 +675,12 @@ void forward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1) {
       for (int64_t r = 0; r < n; ++r)
         lstm_out_row<T>(w, c + r * H + ja, act + r * G + 3 * H + ja, q, q + CHUNK,
                         q + 2 * CHUNK, q + 3 * CHUNK, out + r * H + ja);
-      for (int64_t r = n; r < N; ++r) std::memset(out + r * H + ja, 0, w * sizeof(T));
+      for (int64_t r = n; r < Nr; ++r) std::memset(out + r * H + ja, 0, w * sizeof(T));
       continue;
     }
     for (int64_t k = 0; k < gates && affine; ++k) {
       const int64_t col = k * H + ja;
-      if (x.inline_ih) project(x, t, n, col, w, wx + col);
+      if (x.inline_ih) project(x, t, n, col, w, wx + col, r0);
       T A[CHUNK], B[CHUNK], Cst[CHUNK];
       for (int64_t j = 0; j < w; ++j) {
         A[j] = T(1), B[j] = T(1), Cst[j] = bias ? bias[col + j] : T(0);
@@ -686,7 +700,7 @@ void forward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1) {
     }
     for (int64_t k = 0; k < gates && !affine; ++k) {
       const int64_t col = k * H + ja;
-      if (x.inline_ih) project(x, t, n, col, w, wx + col);
+      if (x.inline_ih) project(x, t, n, col, w, wx + col, r0);
       if (x.has_hh) normalise(wh + col, G, n, w, x.hh, t, col);
       if (x.has_ih) normalise(wx + col, G, n, w, x.ih, t, col);
       // pre-activation into act
@@ -734,10 +748,10 @@ void forward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1) {
       for (int64_t r = 0; r < n; ++r)
         std::memcpy(out + r * H + ja, act + r * G + ja, w * sizeof(T));
     } else {
-      T* c = x.ptr<T>(C) + s * N * H;
-      const T* c_prev = (t == 0 || !x.save) ? (x.save ? x.ptr<T>(C0) : c)
-                                            : x.ptr<T>(C) + (t - 1) * N * H;
-      T* tc = x.ptr<T>(TC);  // one step: the backward recomputes it
+      T* c = x.ptr<T>(C) + s * N * H + r0 * H;
+      const T* c_prev = (t == 0 || !x.save) ? (x.save ? x.ptr<T>(C0) + r0 * H : c)
+                                            : x.ptr<T>(C) + (t - 1) * N * H + r0 * H;
+      T* tc = x.ptr<T>(TC) + r0 * H;  // one step: the backward recomputes it
       T Ac[CHUNK], Cc[CHUNK];  // BN(c) as an affine map (population statistics)
       for (int64_t j = 0; j < w; ++j) Ac[j] = T(1), Cc[j] = T(0);
       if (x.has_c && affine_c) {
@@ -771,12 +785,59 @@ void forward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1) {
         tanh_mul_row(tr, o, a + 3 * H, w);
       }
     }
-    for (int64_t r = n; r < N; ++r) std::memset(out + r * H + ja, 0, w * sizeof(T));
+    for (int64_t r = n; r < Nr; ++r) std::memset(out + r * H + ja, 0, w * sizeof(T));
   }
+}
+
+// Bytes of W_hh (and W_ih) up to which a forward without batch statistics splits the batch
+// rows over threads instead of the hidden units (set_row_split_bytes).
+int64_t g_row_split_bytes = 1 << 21;
+
+// Without batch statistics and without a backward, the rows of the batch are independent
+// for the whole sequence: each thread runs all steps for its own rows, with no barrier
+// between steps, reading all of W_hh (small enough to stay in its L2).
+template <typename T>
+bool forward_rows(Ctx& x, int64_t t0, int64_t t1) {
+  const int64_t N = x.N, H = x.H, G = x.G;
+  const int64_t K = H + (x.step_ih ? x.I : 0);
+  const int64_t nth = std::min<int64_t>(n_blocks(N * G * K), N);
+  if (x.save || nth < 2 || at::in_parallel_region() || K * G * (int64_t)sizeof(T) > g_row_split_bytes)
+    return false;
+  for (int64_t t = t0; t < t1; ++t)
+    if (x.ih.batch_at(t) || x.hh.batch_at(t) || x.pre.batch_at(t) || x.c.batch_at(t)) return false;
+  Blocks bl(H, 1);
+  BlockGemm gh(x.at_(WHT), H, G / H, bl, (N + nth - 1) / nth);
+  c10::optional<BlockGemm> gi;
+  if (x.step_ih) gi.emplace(x.at_(W_IHT), H, G / H, bl, (N + nth - 1) / nth);
+  std::exception_ptr error;
+#pragma omp parallel num_threads(nth)
+  {
+    const int old = mkl().set_local ? mkl().set_local(1) : 0;
+    const int64_t tid = omp_get_thread_num(), k = omp_get_num_threads();
+    const int64_t r0 = N * tid / k, r1 = N * (tid + 1) / k;
+    try {
+      for (int64_t t = t0; t < t1 && r1 > r0; ++t) {
+        const int64_t m = std::clamp<int64_t>(x.sizes[t] - r0, 0, r1 - r0);
+        const int64_t s = x.save ? t : 0;
+        const T* h_prev = t == 0 ? x.ptr<T>(H0) : x.ptr<T>(OUT) + x.row(t - 1) * N * H;
+        T* wh = x.ptr<T>(XH) + (x.has_hh ? s : 0) * N * G;
+        gh.run<T>(0, h_prev + r0 * H, wh + r0 * G, m);
+        if (gi) gi->run<T>(0, x.ptr<T>(X_IN) + (x.row(t) * N + r0) * x.I, x.ptr<T>(WX) + r0 * G, m);
+        forward_block<T>(x, t, x.sizes[t], 0, H, r0, r1);
+      }
+    } catch (...) {
+#pragma omp critical(bnrnn_fast_error)
+      if (!error) error = std::current_exception();
+    }
+    if (mkl().set_local) mkl().set_local(old);
+  }
+  if (error) std::rethrow_exception(error);
+  return true;
 }
 
 template <typename T>
 void forward_impl(Ctx& x, int64_t t0, int64_t t1) {
+  if (forward_rows<T>(x, t0, t1)) return;
   const int64_t N = x.N, H = x.H, G = x.G;
   Blocks bl(H, n_blocks(N * G * (H + (x.step_ih ? x.I : 0))));
   BlockGemm gh(x.at_(WHT), H, G / H, bl, N);
@@ -790,7 +851,7 @@ void forward_impl(Ctx& x, int64_t t0, int64_t t1) {
     T* wh = x.ptr<T>(XH) + (x.has_hh ? s : 0) * N * G;
     gh.run<T>(p, h_prev, wh, n);
     if (gi) gi->run<T>(p, x.ptr<T>(X_IN) + x.row(t) * N * x.I, x.ptr<T>(WX), n);
-    forward_block<T>(x, t, n, bl.j0[p], bl.j1[p]);
+    forward_block<T>(x, t, n, bl.j0[p], bl.j1[p], 0, N);
   });
 }
 
@@ -1114,6 +1175,12 @@ void backward_loop(at::IntArrayRef cfg, at::ArrayRef<double> eps, at::IntArrayRe
                              [&] { backward_impl<scalar_t>(x, t0, t1); });
 }
 
+int64_t set_row_split_bytes(int64_t bytes) {
+  const int64_t old = g_row_split_bytes;
+  if (bytes >= 0) g_row_split_bytes = bytes;
+  return old;
+}
+
 int64_t set_block_macs(int64_t macs) {
   const int64_t old = g_block_macs;
   if (macs > 0) g_block_macs = macs;
@@ -1135,4 +1202,5 @@ TORCH_LIBRARY(bnrnn_fast, m) {
         &backward_loop);
   m.def("set_gemm(str name) -> bool", &set_gemm);
   m.def("set_block_macs(int macs) -> int", &set_block_macs);
+  m.def("set_row_split_bytes(int bytes) -> int", &set_row_split_bytes);
 }
