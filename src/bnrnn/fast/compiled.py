@@ -202,7 +202,11 @@ class _Ops:
                 ts[f"gs_{key}"] = b.grads.get(key)
         else:
             ts["whT"] = b.whT
-        return [_contiguous(ts.get(name)) for name in _ORDER]
+        # W_hh^T goes as the view it is (the loops copy the columns they need)
+        return [
+            _detached(ts.get(name)) if name == "whT" else _contiguous(ts.get(name))
+            for name in _ORDER
+        ]
 
     def forward_loop(self, plan: Plan, b: Buffers, t0: int, t1: int) -> None:
         torch.ops.bnrnn_fast.forward_loop(
@@ -213,6 +217,10 @@ class _Ops:
         torch.ops.bnrnn_fast.backward_loop(
             self._cfg(plan, b), list(plan.eps), plan.sizes, self._tensors(plan, b, True), t0, t1
         )
+
+
+def _detached(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach()
 
 
 def _contiguous(t: Tensor | None) -> Tensor | None:

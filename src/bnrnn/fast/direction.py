@@ -341,7 +341,8 @@ def _forward(
         ACT=new(S if lstm else 1, N, G),
         OUT=new(T, N, H),
         h0=h0.contiguous(),
-        whT=w_hh.t().contiguous(),
+        # the compiled loops copy their blocks' columns from the view themselves
+        whT=w_hh.t() if cfg.ext is not None else w_hh.t().contiguous(),
         w_hh=w_hh,
         bias=bias,
         g_ih=g_ih,

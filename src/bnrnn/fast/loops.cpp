@@ -236,7 +236,7 @@ struct BlockGemm {
   // C[:, k S + j0 : k S + j1] = A @ B[:, k S + j0 : k S + j1] for k < gates, block p: the
   // forward's h_{t-1} W_hh^T (B = W_hh^T (H, G), S = H, four gates) and W_ih x_t (B =
   // W_ih^T (I, G)).
-  at::Tensor B;  // (K, L) contiguous
+  at::Tensor B;  // (K, L), contiguous for PACKED and whole
   int64_t K, L, S, gates;
   const Blocks* blocks;
   Gemm mode;
@@ -246,15 +246,18 @@ struct BlockGemm {
   // BRGEMM with one block of all units: one GEMM of all L columns of B in place (at
   // (N 32, H 100) one call of 400 columns instead of four of 100, each with a masked tail)
   bool whole = false;
+  // B_ may be a strided view (W_hh^T of the forward): BRGEMM copies each block's gate columns
+  // from it (one transposing copy instead of a contiguous W_hh^T and then the parts)
   BlockGemm(const at::Tensor& B_, int64_t S_, int64_t gates_, const Blocks& bl, int64_t max_m)
-      : B(B_.contiguous()), K(B_.size(0)), L(B_.size(1)), S(S_), gates(gates_), blocks(&bl) {
+      : B(B_), K(B_.size(0)), L(B_.size(1)), S(S_), gates(gates_), blocks(&bl) {
     mode = gemm_mode(B, max_m);
     whole = mode == BRGEMM && bl.size() == 1 && bl.j1[0] - bl.j0[0] == S && L == gates * S;
+    if (whole || mode == PACKED) B = B.contiguous();
     for (int64_t p = 0; p < bl.size() && mode != MM && !whole; ++p) {
       const int64_t w = bl.j1[p] - bl.j0[p];
       for (int64_t k = 0; k < gates; ++k) {
         if (mode == BRGEMM) {
-          parts.push_back(B.narrow(1, k * S + bl.j0[p], w).contiguous());
+          parts.push_back(at::empty({K, w}, B.options()));
           continue;
         }
         size_t bytes = mkl().size(162, (int)max_m, (int)w, (int)K);
@@ -264,6 +267,24 @@ struct BlockGemm {
         parts.push_back(out);
       }
     }
+    if (mode != BRGEMM || whole) return;
+    // the parts' columns, on all threads: a tiled transposing copy when B is W_hh^T as a
+    // view of W_hh (16 MB of it at H 1000 took 7 ms through a contiguous W_hh^T first)
+    const int64_t sk = B.stride(0), sl = B.stride(1);
+    const float* src = B.const_data_ptr<float>();
+    at::parallel_for(0, (int64_t)parts.size(), 1, [&](int64_t a, int64_t b) {
+      for (int64_t q = a; q < b; ++q) {
+        const int64_t p = q / gates, k = q % gates, w = bl.j1[p] - bl.j0[p];
+        const float* from = src + (k * S + bl.j0[p]) * sl;
+        float* to = parts[q].data_ptr<float>();
+        constexpr int64_t TB = 16;
+        for (int64_t i0 = 0; i0 < K; i0 += TB)
+          for (int64_t j0 = 0; j0 < w; j0 += TB)
+            for (int64_t i = i0; i < std::min(K, i0 + TB); ++i)
+              for (int64_t j = j0; j < std::min(w, j0 + TB); ++j)
+                to[i * w + j] = from[i * sk + j * sl];
+      }
+    });
   }
   // A: m rows of K (leading dim K); C: m rows, leading dim L. Called inside a parallel
   // region: the GEMM itself runs on this thread.
@@ -1152,8 +1173,9 @@ void backward_impl(Ctx& x, int64_t t0, int64_t t1) {
 
 void check(const Ctx& x) {
   TORCH_CHECK(x.ts[WX].has_value() && x.ts[WX]->device().is_cpu(), "bnrnn_fast: CPU tensors");
-  for (const auto& t : x.ts) {
-    if (t.has_value() && t->defined())
+  for (size_t i = 0; i < x.ts.size(); ++i) {  // W_hh^T may be a view (see BlockGemm)
+    const auto& t = x.ts[i];
+    if (i != WHT && t.has_value() && t->defined())
       TORCH_CHECK(t->is_contiguous(), "bnrnn_fast: tensors must be contiguous");
   }
 }

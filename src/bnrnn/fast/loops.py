@@ -81,7 +81,7 @@ class Buffers:
     ACT: Tensor
     OUT: Tensor
     h0: Tensor
-    whT: Tensor  # (H, G) = W_hh^T, contiguous
+    whT: Tensor  # (H, G) = W_hh^T (contiguous for these loops; a view for the compiled ones)
     w_hh: Tensor  # (G, H)
     C: Tensor | None = None
     TC: Tensor | None = None
