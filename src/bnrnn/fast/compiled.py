@@ -181,6 +181,7 @@ class _Ops:
             plan.wx_base,
             int(plan.step_ih),
             int(plan.reverse),
+            int(plan.recompute_act),
         ]
 
     @staticmethod

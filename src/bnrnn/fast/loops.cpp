@@ -463,6 +463,10 @@ struct Ctx {
   // indexed by step.
   bool rev = false;
   int64_t row(int64_t t) const { return rev ? T - 1 - t : t; }
+  // LSTM with BN of W_ih x and W_hh h (Cooijmans eq. 6): ACT is a one-step scratch and the
+  // backward recomputes the gate activations from xhat_hh (XH) and xhat_ih, which it has
+  // anyway (a (T, N, G) buffer less to write, keep and read back)
+  bool recompute_act = false;
   std::vector<int64_t> sizes;
   std::vector<c10::optional<at::Tensor>> ts;
   Norm ih, hh, pre, c;
@@ -484,8 +488,11 @@ struct Ctx {
     base = cfg.size() > 11 ? cfg[11] : 0;
     step_ih = cfg.size() > 12 && cfg[12];
     rev = cfg.size() > 13 && cfg[13];
+    recompute_act = cfg.size() > 14 && cfg[14];
     T = (int64_t)sizes.size();
     TORCH_CHECK(!rev || (!save && (inline_ih || step_ih)), "reversed time: no-grad steps only");
+    TORCH_CHECK(!recompute_act || (kind == LSTM && has_ih && has_hh && !has_pre),
+                "recomputed gates: LSTM with BN of both terms only");
     for (size_t i = 0; i < list.size(); ++i) ts.push_back(list.get(i));
     ts.resize(N_TENSORS);
     if (ts[X_IN].has_value() && ts[X_IN]->defined()) I = ts[X_IN]->size(2);
@@ -613,7 +620,7 @@ void forward_block(Ctx& x, int64_t t, int64_t n_all, int64_t j0, int64_t j1, int
   const int64_t gates = G / H;
   T* wx = x.ptr<T>(WX) + (x.inline_ih || x.step_ih ? 0 : t - x.base) * N * G + r0 * G;
   T* wh = x.ptr<T>(XH) + (x.has_hh ? s : 0) * N * G + r0 * G;
-  T* act = x.ptr<T>(ACT) + (x.kind == LSTM ? s : 0) * N * G + r0 * G;
+  T* act = x.ptr<T>(ACT) + (x.kind == LSTM && !x.recompute_act ? s : 0) * N * G + r0 * G;
   T* out = x.ptr<T>(OUT) + x.row(t) * N * H + r0 * H;
   const T* bias = x.ptr<T>(BIAS);
   const T* g_ih = x.ptr<T>(G_IH);
@@ -978,8 +985,29 @@ __attribute__((noinline)) void lstm_gate_grads(
   }
 }
 
+// One row of the gate activations as the forward computed them (bn_gate_row, then
+// lstm_cell_row), w units: a = act(xhat_ih g_ih + xhat_hh g_hh + b) for the four gates at
+// offsets 0, H, 2H, 3H (sigmoid, sigmoid, tanh, sigmoid).
 template <typename T>
-void backward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1, T* scratch, T* tc) {
+__attribute__((noinline)) void lstm_act_row(int64_t w, int64_t H, const T* __restrict__ xi,
+                                            const T* __restrict__ xh, const T* __restrict__ gi,
+                                            const T* __restrict__ gh, const T* __restrict__ b,
+                                            T* __restrict__ a) {
+  for (int64_t k = 0; k < 4; ++k) {
+    const int64_t o = k * H;
+    if (k == 2) {
+      for (int64_t j = 0; j < w; ++j)
+        a[o + j] = th<T>(xi[o + j] * gi[o + j] + xh[o + j] * gh[o + j] + b[o + j]);
+    } else {
+      for (int64_t j = 0; j < w; ++j)
+        a[o + j] = sigm<T>(xi[o + j] * gi[o + j] + xh[o + j] * gh[o + j] + b[o + j]);
+    }
+  }
+}
+
+template <typename T>
+void backward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1, T* scratch, T* tc,
+                    const T* zero_bias) {
   const int64_t H = x.H, G = x.G, N = x.N;
   const int64_t gates = G / H;
   const T* dout = x.ptr<T>(D_OUT) + t * N * H;
@@ -996,10 +1024,32 @@ void backward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1, T* scr
     xih = x.ptr<T>(WX) + (t - x.base) * N * G;  // WX holds the chunk's steps
   }
   const T* xhh = x.has_hh ? x.ptr<T>(XH) + t * N * G : nullptr;
+  T* act = x.ptr<T>(ACT) + (x.recompute_act ? 0 : t) * N * G;
   for (int64_t ja = j0; ja < j1; ja += CHUNK) {
     const int64_t w = std::min(CHUNK, j1 - ja);
+    // xhat_ih = (W_ih x_t - mean) * rstd for the columns from col, when W_ih x_t is
+    // recomputed (step_ih: the caller's GEMM put it in XS; inline: computed here)
+    auto prepare_xih = [&](int64_t col) {
+      if (!((x.inline_ih || x.step_ih) && x.has_ih)) return;
+      T* xs = x.ptr<T>(XS) + col;
+      if (x.inline_ih) project(x, t, n, col, w, xs);
+      const T* mean = x.ih.mean<T>(t) + col;
+      const T* var = x.ih.var<T>(t) + col;
+      T rs[CHUNK];
+      for (int64_t j = 0; j < w; ++j) rs[j] = T(1) / std::sqrt(var[j] + T(x.ih.eps));
+      for (int64_t r = 0; r < n; ++r) {
+        T* row = xs + r * G;
+        for (int64_t j = 0; j < w; ++j) row[j] = (row[j] - mean[j]) * rs[j];
+      }
+    };
+    if (x.recompute_act) {  // the gate activations of the chunk's units, as the forward did
+      for (int64_t k = 0; k < gates; ++k) prepare_xih(k * H + ja);
+      const T* bias = x.ptr<T>(BIAS) ? x.ptr<T>(BIAS) : zero_bias;
+      for (int64_t r = 0; r < n; ++r)
+        lstm_act_row<T>(w, H, xih + r * G + ja, xhh + r * G + ja, x.ptr<T>(G_IH) + ja,
+                        x.ptr<T>(G_HH) + ja, bias + ja, act + r * G + ja);
+    }
     if (x.kind == LSTM) {
-      const T* act = x.ptr<T>(ACT) + t * N * G;
       const T* c = x.ptr<T>(C) + t * N * H;
       const T* c_prev = t == 0 ? x.ptr<T>(C0) : x.ptr<T>(C) + (t - 1) * N * H;
       T* dc_buf = x.ptr<T>(D_C);
@@ -1078,18 +1128,7 @@ void backward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1, T* scr
     }
     for (int64_t k = 0; k < gates; ++k) {
       const int64_t col = k * H + ja;
-      if ((x.inline_ih || x.step_ih) && x.has_ih) {  // xhat_ih = (W_ih x_t - mean) * rstd
-        T* xs = x.ptr<T>(XS) + col;  // W_ih x_t: step_ih: the caller's GEMM put it here
-        if (x.inline_ih) project(x, t, n, col, w, xs);
-        const T* mean = x.ih.mean<T>(t) + col;
-        const T* var = x.ih.var<T>(t) + col;
-        T rs[CHUNK];
-        for (int64_t j = 0; j < w; ++j) rs[j] = T(1) / std::sqrt(var[j] + T(x.ih.eps));
-        for (int64_t r = 0; r < n; ++r) {
-          T* row = xs + r * G;
-          for (int64_t j = 0; j < w; ++j) row[j] = (row[j] - mean[j]) * rs[j];
-        }
-      }
+      if (!x.recompute_act) prepare_xih(col);
       bn_backward_cols<T>(x, t, n, col, w, da + col, dwh ? dwh + col : nullptr,
                           xih ? xih + col : nullptr, xhh ? xhh + col : nullptr);
       if (x.inline_ih) {  // dW_ih^T (I, G) += x_t^T @ dwx_t, this block's columns
@@ -1133,6 +1172,7 @@ void backward_impl(Ctx& x, int64_t t0, int64_t t1) {
   T* partial = nb > 1 ? partial_t.data_ptr<T>() : nullptr;
   // per block: dL/d(BN(c_t)) and tanh(BN(c_t)), (N, CHUNK) each
   std::vector<std::vector<T>> scratch(nb, std::vector<T>(2 * N * CHUNK));
+  std::vector<T> zero_bias(x.recompute_act && !x.ptr<T>(BIAS) ? G : 0, T(0));
   x.base = t0;
   // dh[:rows, units of block p] = sum of the partials of buffer b
   auto gather = [&](int64_t b, int64_t rows, int64_t p) {
@@ -1158,7 +1198,7 @@ void backward_impl(Ctx& x, int64_t t0, int64_t t1) {
     if (nb > 1 && t + 1 < t1) gather((t + 1) % 2, x.sizes[t + 1], p);
     T* s = scratch[p].data();
     if (gi) gi->run<T>(p, x.ptr<T>(X_IN) + t * N * x.I, x.ptr<T>(XS), n);
-    backward_block<T>(x, t, n, bl.j0[p], bl.j1[p], s, s + N * CHUNK);
+    backward_block<T>(x, t, n, bl.j0[p], bl.j1[p], s, s + N * CHUNK, zero_bias.data());
     const T* dwh = x.ptr<T>(DWH) + (t - t0) * N * G;
     gh.run<T>(p, dwh, nb > 1 ? partial + ((t % 2) * nb + p) * N * H : dh, n);
   });

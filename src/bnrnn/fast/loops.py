@@ -21,7 +21,8 @@ Buffers (``save``: kept for the backward; otherwise a one-step scratch, index 0)
                    of the chunk at t - t0 (the compiled loops recompute it at each step
                    into XS instead, with step_ih).
     XH  (T|1, N, G) xhat of W_hh h_{t-1} ("cooijmans"), else scratch for W_hh h_{t-1}
-    ACT (T|1, N, G) LSTM gate activations sig(i), sig(f), tanh(g), sig(o); RNN scratch
+    ACT (T|1, N, G) LSTM gate activations sig(i), sig(f), tanh(g), sig(o) (one step with
+                   recompute_act: the compiled backward recomputes them); RNN scratch
     C   (T|1, N, H) LSTM un-normalised cell c_t (without ``save``: the running cell state)
     TC  (1, N, H)   LSTM tanh(BN(c_t)) (or tanh(c_t)), scratch: the backward recomputes it
     OUT (T, N, H)   h_t, zero beyond each length
@@ -63,6 +64,9 @@ class Plan:
     # compiled loops only, without a backward: x and the output run in reversed time (the
     # reverse direction of a batch with no padding, without flipping x and the output)
     reverse: bool = False
+    # compiled loops only, LSTM with BN of both W_ih x and W_hh h: ACT is one step, and the
+    # backward recomputes the gate activations from xhat_hh and xhat_ih
+    recompute_act: bool = False
 
     @property
     def keep_wx(self) -> bool:
