@@ -192,12 +192,13 @@ def fast_direction(
         return None if bn is None else bn.weight
 
     cfg = _Config(plan, p, time_offset, _use_compiled(x))
-    # Cooijmans eq. 6 in the compiled loops: the backward recomputes the gate activations
-    # from xhat_hh (kept) and xhat_ih (kept or recomputed) instead of keeping a (T, N, G)
-    # buffer of them. Fresh memory is dear here: writing and freeing 100 MB more per
-    # training step cost 66 ms at (64, 1000, 50, 100), 6% of the step.
+    # Cooijmans eq. 6 and Laurent eq. 17 in the compiled loops: the backward recomputes the
+    # gate activations from xhat_hh (kept) and xhat_ih (kept or recomputed), or from
+    # xhat_pre (kept), instead of keeping a (T, N, G) buffer of them. Fresh memory is dear
+    # here: writing and freeing 100 MB more per training step cost 66 ms at
+    # (64, 1000, 50, 100), 6% of the step.
     plan.recompute_act = (
-        cfg.ext is not None and kind == LSTM and plan.has_ih and plan.has_hh and not plan.has_pre
+        cfg.ext is not None and kind == LSTM and ((plan.has_ih and plan.has_hh) or plan.has_pre)
     )
     inputs = (
         x,

@@ -463,9 +463,10 @@ struct Ctx {
   // indexed by step.
   bool rev = false;
   int64_t row(int64_t t) const { return rev ? T - 1 - t : t; }
-  // LSTM with BN of W_ih x and W_hh h (Cooijmans eq. 6): ACT is a one-step scratch and the
-  // backward recomputes the gate activations from xhat_hh (XH) and xhat_ih, which it has
-  // anyway (a (T, N, G) buffer less to write, keep and read back)
+  // LSTM with BN of W_ih x and W_hh h (Cooijmans eq. 6) or of the pre-activation (Laurent
+  // eq. 17): ACT is a one-step scratch and the backward recomputes the gate activations
+  // from xhat_hh (XH) and xhat_ih, or from xhat_pre (WX), which it has anyway (a (T, N, G)
+  // buffer less to write, keep and read back)
   bool recompute_act = false;
   std::vector<int64_t> sizes;
   std::vector<c10::optional<at::Tensor>> ts;
@@ -491,8 +492,8 @@ struct Ctx {
     recompute_act = cfg.size() > 14 && cfg[14];
     T = (int64_t)sizes.size();
     TORCH_CHECK(!rev || (!save && (inline_ih || step_ih)), "reversed time: no-grad steps only");
-    TORCH_CHECK(!recompute_act || (kind == LSTM && has_ih && has_hh && !has_pre),
-                "recomputed gates: LSTM with BN of both terms only");
+    TORCH_CHECK(!recompute_act || (kind == LSTM && ((has_ih && has_hh) || has_pre)),
+                "recomputed gates: LSTM with BN of both terms or of the pre-activation only");
     for (size_t i = 0; i < list.size(); ++i) ts.push_back(list.get(i));
     ts.resize(N_TENSORS);
     if (ts[X_IN].has_value() && ts[X_IN]->defined()) I = ts[X_IN]->size(2);
@@ -985,22 +986,21 @@ __attribute__((noinline)) void lstm_gate_grads(
   }
 }
 
-// One row of the gate activations as the forward computed them (bn_gate_row, then
-// lstm_cell_row), w units: a = act(xhat_ih g_ih + xhat_hh g_hh + b) for the four gates at
-// offsets 0, H, 2H, 3H (sigmoid, sigmoid, tanh, sigmoid).
-template <typename T>
+// One row of the gate activations as the forward computed them, w units, for the four
+// gates at offsets 0, H, 2H, 3H (sigmoid, sigmoid, tanh, sigmoid): TWO: a = act(xhat_ih g_ih
+// + xhat_hh g_hh + b) (bn_gate_row, then lstm_cell_row); else a = act(xhat_pre g_pre + b)
+// (Laurent eq. 17, xh and gh unused).
+template <typename T, bool TWO>
 __attribute__((noinline)) void lstm_act_row(int64_t w, int64_t H, const T* __restrict__ xi,
                                             const T* __restrict__ xh, const T* __restrict__ gi,
                                             const T* __restrict__ gh, const T* __restrict__ b,
                                             T* __restrict__ a) {
   for (int64_t k = 0; k < 4; ++k) {
     const int64_t o = k * H;
-    if (k == 2) {
-      for (int64_t j = 0; j < w; ++j)
-        a[o + j] = th<T>(xi[o + j] * gi[o + j] + xh[o + j] * gh[o + j] + b[o + j]);
-    } else {
-      for (int64_t j = 0; j < w; ++j)
-        a[o + j] = sigm<T>(xi[o + j] * gi[o + j] + xh[o + j] * gh[o + j] + b[o + j]);
+    for (int64_t j = 0; j < w; ++j) {
+      const T v = TWO ? xi[o + j] * gi[o + j] + xh[o + j] * gh[o + j] + b[o + j]
+                      : xi[o + j] * gi[o + j] + b[o + j];
+      a[o + j] = k == 2 ? th<T>(v) : sigm<T>(v);
     }
   }
 }
@@ -1045,9 +1045,15 @@ void backward_block(Ctx& x, int64_t t, int64_t n, int64_t j0, int64_t j1, T* scr
     if (x.recompute_act) {  // the gate activations of the chunk's units, as the forward did
       for (int64_t k = 0; k < gates; ++k) prepare_xih(k * H + ja);
       const T* bias = x.ptr<T>(BIAS) ? x.ptr<T>(BIAS) : zero_bias;
-      for (int64_t r = 0; r < n; ++r)
-        lstm_act_row<T>(w, H, xih + r * G + ja, xhh + r * G + ja, x.ptr<T>(G_IH) + ja,
-                        x.ptr<T>(G_HH) + ja, bias + ja, act + r * G + ja);
+      for (int64_t r = 0; r < n; ++r) {
+        if (x.has_pre) {  // xih: xhat_pre, kept
+          lstm_act_row<T, false>(w, H, xih + r * G + ja, nullptr, x.ptr<T>(G_PRE) + ja, nullptr,
+                                 bias + ja, act + r * G + ja);
+        } else {
+          lstm_act_row<T, true>(w, H, xih + r * G + ja, xhh + r * G + ja, x.ptr<T>(G_IH) + ja,
+                                x.ptr<T>(G_HH) + ja, bias + ja, act + r * G + ja);
+        }
+      }
     }
     if (x.kind == LSTM) {
       const T* c = x.ptr<T>(C) + t * N * H;

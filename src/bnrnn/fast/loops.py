@@ -64,8 +64,8 @@ class Plan:
     # compiled loops only, without a backward: x and the output run in reversed time (the
     # reverse direction of a batch with no padding, without flipping x and the output)
     reverse: bool = False
-    # compiled loops only, LSTM with BN of both W_ih x and W_hh h: ACT is one step, and the
-    # backward recomputes the gate activations from xhat_hh and xhat_ih
+    # compiled loops only, LSTM with BN of both W_ih x and W_hh h, or of the pre-activation:
+    # ACT is one step, and the backward recomputes the gate activations
     recompute_act: bool = False
 
     @property
