@@ -218,10 +218,19 @@ class StepBatchNorm(nn.Module):
     # -- population statistics ----------------------------------------------------------
 
     @torch.no_grad()
-    def _track(self, steps: Tensor, mean: Tensor, var: Tensor, counts: Sequence[int]) -> None:
-        """Fold batch statistics (k, F) of the given steps into their population rows."""
+    def _track(
+        self, steps: Tensor | range, mean: Tensor, var: Tensor, counts: Sequence[int]
+    ) -> None:
+        """Fold batch statistics (k, F) of the given steps into their population rows.
+        ``steps``: a tensor of step indices, or a range of consecutive ones (updated through
+        slices: no gather and scatter of (k, F) rows)."""
         if not self.uses_batch_stats or len(counts) == 0:
             return
+        if isinstance(steps, range):
+            if steps.step == 1 and steps.stop <= self.max_length:
+                self._track_rows(slice(steps.start, steps.stop), mean, var, counts)
+                return
+            steps = torch.tensor(list(steps))
         steps = steps.to(self.running_mean.device)
         inside = steps < self.max_length
         if not bool(inside.all()) and not self._warned_beyond:
@@ -244,6 +253,21 @@ class StepBatchNorm(nn.Module):
             factor = torch.full_like(n, self.momentum)[:, None]
         self.running_mean[rows] += factor * (mean[inside] - self.running_mean[rows])
         self.running_var[rows] += factor * (unbiased - self.running_var[rows])
+
+    def _track_rows(self, rows: slice, mean: Tensor, var: Tensor, counts: Sequence[int]) -> None:
+        """_track for the consecutive rows of a slice, all below max_length: the same update
+        in place on views."""
+        n = torch.as_tensor(list(counts), dtype=var.dtype, device=var.device)
+        unbiased = var * (n / (n - 1))[:, None]
+        tracked = self.num_batches_tracked[rows]
+        tracked += 1
+        if self.momentum is None:  # cumulative average, as torch.nn.BatchNorm
+            factor = (1.0 / tracked.to(var.dtype))[:, None]
+        else:
+            factor = torch.full_like(n, self.momentum)[:, None]
+        running_mean, running_var = self.running_mean[rows], self.running_var[rows]
+        running_mean += factor * (mean - running_mean)
+        running_var += factor * (unbiased - running_var)
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -277,6 +277,11 @@ def _track(cfg: _Config, b: Buffers, key: str, t0: int, t1: int) -> None:
     steps = [t for t in range(t0, t1) if b.B[key][t]]
     if not steps:
         return
+    if len(steps) == t1 - t0:  # every step: views of the rows, no gather
+        off = cfg.time_offset
+        counts = cfg.plan.sizes[t0:t1]
+        bn._track(range(t0 + off, t1 + off), b.M[key][t0:t1], b.V[key][t0:t1], counts)
+        return
     idx = torch.tensor(steps, device=b.M[key].device)
     bn._track(
         idx.cpu() + cfg.time_offset,
