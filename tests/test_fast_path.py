@@ -91,11 +91,13 @@ def _pair(cls, dtype, **kw):
     return ref, fused
 
 
-def _run(model, x, train: bool, lengths=None, packed=False, time_offset=0, hx=None):
+def _run(
+    model, x, train: bool, lengths=None, packed=False, time_offset=0, hx=None, input_grad=True
+):
     """One forward and backward; returns outputs, states, gradients and buffers."""
     model.train(train)
     model.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_()
+    x = x.detach().clone().requires_grad_(input_grad)
     inp = x
     if packed:
         inp = pack_padded_sequence(x, lengths, enforce_sorted=False)
@@ -255,6 +257,26 @@ def test_padded_full_length_and_initial_state(backend, norm, input_stats):
         _compare(r1, r2, torch.float32)
         _assert_close(g1[0], g2[0], torch.float32, "grad h0")
         _assert_close(g1[1], g2[1], torch.float32, "grad c0")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("I", [3, 12])
+@pytest.mark.parametrize("norm,input_stats", PLACEMENTS)
+def test_input_without_gradient(backend, norm, input_stats, I, dtype):
+    """x that needs no gradient (a first layer on data), padded steps included: a small
+    input (W_ih x inside the step, dW_ih accumulated inside the loop) and a larger one (W_ih
+    x recomputed at each step, dW_ih one GEMM per chunk)."""
+    torch.manual_seed(5)
+    ref = bnrnn.BNLSTM(I, 20, norm=norm, input_stats=input_stats, impl="reference", dtype=dtype)
+    _randomise(ref)
+    fused = copy.deepcopy(ref)
+    fused.impl = "fused"
+    x = torch.randn(7, 5, I, dtype=dtype)
+    for lengths in (None, [7, 3, 6, 7, 2]):
+        r1 = _run(ref, x, True, lengths, input_grad=False)
+        r2 = _run(fused, x, True, lengths, input_grad=False)
+        assert r1[2].pop("input") is None and r2[2].pop("input") is None
+        _compare(r1, r2, dtype)
 
 
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
