@@ -129,9 +129,9 @@ __attribute__((noinline)) void lstm_affine_row(int64_t w, int64_t H, const T* __
 // One row of a gate's pre-activation with given BN statistics (training, or batch
 // statistics without a backward), w units: q[0..), q[S..), q[2 S..) hold mean,
 // 1/sqrt(var + eps) and gamma of BN(W_hh h) (0, 1, 1 when absent), q[3 S..) to q[5 S..) the
-// same of BN(W_ih x), q[6 S..) the bias (Cooijmans eq. 6). wh and wx are replaced by their
-// normalised values (kept for the backward).
-template <typename T>
+// same of BN(W_ih x), q[6 S..) the bias (Cooijmans eq. 6). wh, and wx if STORE_WX, are
+// replaced by their normalised values (kept for the backward; a one-step wx is not).
+template <typename T, bool STORE_WX>
 __attribute__((noinline)) void bn_gate_row(int64_t w, T* __restrict__ wh, T* __restrict__ wx,
                                            const T* __restrict__ q, T* __restrict__ a) {
   constexpr int64_t S = CHUNK;
@@ -139,7 +139,7 @@ __attribute__((noinline)) void bn_gate_row(int64_t w, T* __restrict__ wh, T* __r
     const T xh = (wh[j] - q[j]) * q[S + j];
     const T xi = (wx[j] - q[3 * S + j]) * q[4 * S + j];
     wh[j] = xh;
-    wx[j] = xi;
+    if (STORE_WX) wx[j] = xi;
     a[j] = xi * q[5 * S + j] + xh * q[2 * S + j] + q[6 * S + j];
   }
 }
@@ -685,7 +685,11 @@ void forward_block(Ctx& x, int64_t t, int64_t n_all, int64_t j0, int64_t j1, int
         T* a = act + r * G + ja;
         for (int64_t k = 0; k < 4; ++k) {
           const int64_t o = r * G + k * H + ja;
-          bn_gate_row<T>(w, wh + o, wx + o, co + 7 * k * CHUNK, act + o);
+          if (x.inline_ih || x.step_ih) {  // WX is one step: xhat_ih is recomputed later
+            bn_gate_row<T, false>(w, wh + o, wx + o, co + 7 * k * CHUNK, act + o);
+          } else {
+            bn_gate_row<T, true>(w, wh + o, wx + o, co + 7 * k * CHUNK, act + o);
+          }
         }
         if (inplace) {
           lstm_cell_row<T, true>(w, H, a, nullptr, c + r * H + ja);
@@ -995,12 +999,16 @@ __attribute__((noinline)) void lstm_act_row(int64_t w, int64_t H, const T* __res
                                             const T* __restrict__ xh, const T* __restrict__ gi,
                                             const T* __restrict__ gh, const T* __restrict__ b,
                                             T* __restrict__ a) {
-  for (int64_t k = 0; k < 4; ++k) {
+  auto pre = [&](int64_t o, int64_t j) {
+    return TWO ? xi[o + j] * gi[o + j] + xh[o + j] * gh[o + j] + b[o + j]
+               : xi[o + j] * gi[o + j] + b[o + j];
+  };
+  for (int64_t k = 0; k < 4; ++k) {  // (one loop per function: vectorised, no blend)
     const int64_t o = k * H;
-    for (int64_t j = 0; j < w; ++j) {
-      const T v = TWO ? xi[o + j] * gi[o + j] + xh[o + j] * gh[o + j] + b[o + j]
-                      : xi[o + j] * gi[o + j] + b[o + j];
-      a[o + j] = k == 2 ? th<T>(v) : sigm<T>(v);
+    if (k == 2) {
+      for (int64_t j = 0; j < w; ++j) a[o + j] = th<T>(pre(o, j));
+    } else {
+      for (int64_t j = 0; j < w; ++j) a[o + j] = sigm<T>(pre(o, j));
     }
   }
 }
