@@ -378,3 +378,17 @@ def test_dispatch():
         assert not calls
     finally:
         fast.fast_direction = original
+
+
+def test_placer_spreads_buffers_modulo_4k():
+    """Buffers the steps read together start far apart modulo 4 KiB, from each other and
+    from the tensors made elsewhere (greedy farthest offsets: 8 of them are 512 B apart)."""
+    from bnrnn.fast.direction import _Placer
+
+    x = torch.empty(1000)
+    place = _Placer(x, x)
+    bufs = [place.new(3, 50) for _ in range(7)]
+    assert all(b.shape == (3, 50) and b.is_contiguous() for b in bufs)
+    offsets = [t.data_ptr() % 4096 for t in [x, *bufs]]
+    gaps = [min((a - b) % 4096, (b - a) % 4096) for i, a in enumerate(offsets) for b in offsets[:i]]
+    assert min(gaps) >= 512

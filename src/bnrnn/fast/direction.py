@@ -24,9 +24,7 @@ beyond ``max_length`` are not tracked in training.
 from __future__ import annotations
 
 import functools
-import itertools
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -341,13 +339,15 @@ def _forward(
     )
     chunked = not save and not plan.inline_ih and not plan.ih_seq and not plan.step_ih
     chunked = chunked and T > EVAL_CHUNK
-    new = _staggered(x)
+    place = _Placer(x, x, h0)
+    new = place.new
     if plan.inline_ih or plan.step_ih:  # W_ih x_t is computed inside each step
         WX = new(1, N, G)
     elif chunked:
         WX = new(EVAL_CHUNK, N, G)
     else:  # W_ih x for all steps at once; padded rows of x are zero and never read.
         WX = _linear(x.reshape(T * N, I), w_ih).view(T, N, G)
+        place.take(WX)
     b = Buffers(
         WX=WX,
         XH=new(S if plan.has_hh else 1, N, G),
@@ -415,26 +415,40 @@ def _forward(
     return b.OUT, h_n, c_n, b
 
 
-_FORWARD_SLOTS = 6  # buffers _forward allocates with _staggered (the backward's come next)
+class _Placer:
+    """Buffers placed apart modulo 4 KiB. Buffers that a step reads and writes together
+    (XH, C, OUT, WX, DWX, dOUT, ...) starting at nearby offsets modulo 4 KiB alias in the L1
+    cache sets and in the store-to-load checks: with XH, ACT and OUT placed so, a mid-sized
+    training step ran 1.5x slower (154-184 ms against 105-117 ms), and where the heap put
+    them varied from call to call. ``new(*shape)`` makes an empty buffer like ``like``
+    starting at the 64-byte offset farthest from every offset taken so far: those of the
+    tensors given to ``take`` (made elsewhere: x, W_ih x from oneDNN, autograd's dOUT) and
+    of the buffers made here."""
 
+    def __init__(self, like: Tensor, *taken: Tensor | None) -> None:
+        self.like = like
+        self.offsets: list[int] = []
+        self.take(*taken)
 
-def _staggered(x: Tensor, first: int = 0) -> Callable[..., Tensor]:
-    """new(*shape): an empty buffer like x; the k-th one made starts (first + k) * 576 bytes
-    past a 4 KiB boundary. Buffers that a step reads and writes together (XH, ACT, C, OUT, DWX,
-    ...) starting at the same offset modulo 4 KiB alias in the L1 cache sets and in the
-    store-to-load checks: with XH, ACT and OUT placed so, a mid-sized training step ran
-    1.5x slower (154-184 ms against 105-117 ms), and where the heap put them varied from
-    process to process. 576 = 9 cache lines: eight buffers fall in eight different sets."""
-    count = itertools.count(first)
-    elem = x.element_size()
+    def take(self, *tensors: Tensor | None) -> None:
+        for t in tensors:
+            if t is not None and t.numel() > 0 and t.device.type == "cpu":
+                self.offsets.append(t.data_ptr() % 4096)
 
-    def new(*shape: int) -> Tensor:
+    def _free_offset(self) -> int:
+        def gap(o: int) -> int:
+            return min(min((o - u) % 4096, (u - o) % 4096) for u in self.offsets)
+
+        return max(range(0, 4096, 64), key=gap) if self.offsets else 0
+
+    def new(self, *shape: int) -> Tensor:
         n = math.prod(shape)
-        buf = x.new_empty(n + 4096 // elem)  # (allocations are 64-byte aligned)
-        shift = ((next(count) * 576 - buf.data_ptr()) % 4096) // elem
+        elem = self.like.element_size()
+        buf = self.like.new_empty(n + 4096 // elem)  # (allocations are 64-byte aligned)
+        target = self._free_offset()
+        shift = ((target - buf.data_ptr()) % 4096) // elem
+        self.offsets.append(target)
         return buf[shift : shift + n].view(shape)
-
-    return new
 
 
 def _unpadded(sizes: list[int], N: int) -> bool:
@@ -510,10 +524,11 @@ class _FastDirection(torch.autograd.Function):
             if has:
                 b.M[key], b.V[key] = rest.pop(0), rest.pop(0)
                 b.B[key] = ctx.flags[key]
-        new = _staggered(x, _FORWARD_SLOTS)
+        b.dOUT = d_out.contiguous() if d_out is not None else x.new_zeros(T, N, H)
+        # apart from what the backward steps read: the kept buffers, dOUT, x
+        new = _Placer(x, b.XH, b.C, b.OUT, b.WX, b.ACT, b.dOUT, x).new
         if plan.recompute_act:
             b.ACT = new(1, N, G)  # the step's gate activations, recomputed
-        b.dOUT = d_out.contiguous() if d_out is not None else x.new_zeros(T, N, H)
         b.dh = _fresh(d_hn) if d_hn is not None else x.new_zeros(N, H)
         if lstm:
             b.dc = _fresh(d_cn) if d_cn is not None else x.new_zeros(N, H)
