@@ -241,12 +241,12 @@ def fast_direction(
 
 
 def _stat_buffers(
-    cfg: _Config, key: str, rows: int, F: int, like: Tensor
+    cfg: _Config, key: str, rows: int, F: int, place: _Placer
 ) -> tuple[Tensor, Tensor, list[bool]]:
     """Mean and variance rows (rows, F), and the per-step batch-statistics flags."""
     plan, bn = cfg.plan, cfg.bns[key]
-    M = like.new_empty(rows, F)
-    V = like.new_empty(rows, F)
+    M = place.new(rows, F)
+    V = place.new(rows, F)
     if key == "ih" and plan.ih_seq:
         flags = [False] * len(plan.sizes)  # computed before the loop
     else:
@@ -366,18 +366,18 @@ def _forward(
     )
     if plan.inline_ih or plan.step_ih:
         b.x = x.contiguous()
-        b.w_ihT = w_ih.t().contiguous()
+        b.w_ihT = place.copy(w_ih.t())
     if lstm:
         b.C = new(S, N, H)
         b.TC = new(1, N, H)  # tanh(BN(c_t)): the backward recomputes it
-        b.c0 = c0.contiguous()
+        b.c0 = place.copy(c0)
         if not save:
             b.C[0].copy_(c0)  # the running cell state, updated in place
     keys = [k for k in ("ih", "hh", "pre", "c") if cfg.bns[k] is not None]
     for key in keys:
         F = H if key == "c" else G
         rows = 1 if (key == "ih" and plan.ih_seq) else T
-        b.M[key], b.V[key], b.B[key] = _stat_buffers(cfg, key, rows, F, x)
+        b.M[key], b.V[key], b.B[key] = _stat_buffers(cfg, key, rows, F, place)
     if plan.ih_seq:
         _sequence_stats(cfg, b)
     # Steps with batch statistics come first (batch sizes decrease); the population rows
@@ -440,6 +440,13 @@ class _Placer:
             return min(min((o - u) % 4096, (u - o) % 4096) for u in self.offsets)
 
         return max(range(0, 4096, 64), key=gap) if self.offsets else 0
+
+    def copy(self, t: Tensor) -> Tensor:
+        """A placed contiguous copy of t."""
+        return self.new(*t.shape).copy_(t)
+
+    def zeros(self, *shape: int) -> Tensor:
+        return self.new(*shape).zero_()
 
     def new(self, *shape: int) -> Tensor:
         n = math.prod(shape)
@@ -526,12 +533,13 @@ class _FastDirection(torch.autograd.Function):
                 b.B[key] = ctx.flags[key]
         b.dOUT = d_out.contiguous() if d_out is not None else x.new_zeros(T, N, H)
         # apart from what the backward steps read: the kept buffers, dOUT, x
-        new = _Placer(x, b.XH, b.C, b.OUT, b.WX, b.ACT, b.dOUT, x).new
+        place = _Placer(x, b.XH, b.C, b.OUT, b.WX, b.ACT, b.dOUT, x)
+        new = place.new
         if plan.recompute_act:
             b.ACT = new(1, N, G)  # the step's gate activations, recomputed
-        b.dh = _fresh(d_hn) if d_hn is not None else x.new_zeros(N, H)
+        b.dh = place.copy(d_hn) if d_hn is not None else place.zeros(N, H)
         if lstm:
-            b.dc = _fresh(d_cn) if d_cn is not None else x.new_zeros(N, H)
+            b.dc = place.copy(d_cn) if d_cn is not None else place.zeros(N, H)
         separate = (plan.has_ih or plan.has_hh) and not plan.has_pre
         need = ctx.needs_input_grad[1:]
         wx_kept = b.WX
@@ -541,7 +549,7 @@ class _FastDirection(torch.autograd.Function):
         recompute = recompute and not in_loop
         if plan.inline_ih or in_loop:
             b.x = x.contiguous()
-            b.w_ihT = w_ih.t().contiguous()
+            b.w_ihT = place.copy(w_ih.t())
             b.XS = new(1, N, G)
         if plan.inline_ih:
             b.w_ih = w_ih.contiguous()
@@ -555,7 +563,7 @@ class _FastDirection(torch.autograd.Function):
         # accumulated inside the loop, dx is one GEMM over the chunk)
         b.DWX = new(1 if (plan.inline_ih and separate and not need[0]) else K, N, G)
         b.DWH = new(K, N, G) if separate else b.DWX
-        zeros = functools.partial(x.new_zeros, dtype=x.dtype)
+        zeros = place.zeros
         b.grads = {"sum": zeros(G)}
         for key, gamma in (("ih", g_ih), ("hh", g_hh), ("pre", g_pre), ("c", g_c)):
             if gamma is not None:
@@ -636,8 +644,3 @@ def _sequence_backward(plan: Plan, b: Buffers, g_ih: Tensor) -> None:
         dy.copy_(torch.where(mask, corr * (g_ih * rstd), 0))
     else:
         dy.mul_(g_ih * rstd)
-
-
-def _fresh(t: Tensor) -> Tensor:
-    """A contiguous copy the loops may write into."""
-    return t.clone(memory_format=torch.contiguous_format)
