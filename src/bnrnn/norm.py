@@ -228,7 +228,8 @@ class StepBatchNorm(nn.Module):
             return
         if isinstance(steps, range):
             if steps.step == 1 and steps.stop <= self.max_length:
-                self._track_rows(slice(steps.start, steps.stop), mean, var, counts)
+                n = torch.as_tensor(list(counts), dtype=var.dtype, device=var.device)
+                self._fold(slice(steps.start, steps.stop), mean, var, n)
                 return
             steps = torch.tensor(list(steps))
         steps = steps.to(self.running_mean.device)
@@ -243,31 +244,20 @@ class StepBatchNorm(nn.Module):
             self._warned_beyond = True
         if not bool(inside.any()):
             return
-        rows = steps[inside]
         n = torch.as_tensor(list(counts), dtype=var.dtype, device=var.device)[inside]
-        unbiased = var[inside] * (n / (n - 1))[:, None]
+        self._fold(steps[inside], mean[inside], var[inside], n)
+
+    def _fold(self, rows: Tensor | slice, mean: Tensor, var: Tensor, n: Tensor) -> None:
+        """The population rows ``rows`` (indices, or a slice: updated in place through
+        views) take in the batch statistics (k, F) of n values each."""
+        unbiased = var * (n / (n - 1))[:, None]
         self.num_batches_tracked[rows] += 1
         if self.momentum is None:  # cumulative average, as torch.nn.BatchNorm
             factor = (1.0 / self.num_batches_tracked[rows].to(var.dtype))[:, None]
         else:
             factor = torch.full_like(n, self.momentum)[:, None]
-        self.running_mean[rows] += factor * (mean[inside] - self.running_mean[rows])
+        self.running_mean[rows] += factor * (mean - self.running_mean[rows])
         self.running_var[rows] += factor * (unbiased - self.running_var[rows])
-
-    def _track_rows(self, rows: slice, mean: Tensor, var: Tensor, counts: Sequence[int]) -> None:
-        """_track for the consecutive rows of a slice, all below max_length: the same update
-        in place on views."""
-        n = torch.as_tensor(list(counts), dtype=var.dtype, device=var.device)
-        unbiased = var * (n / (n - 1))[:, None]
-        tracked = self.num_batches_tracked[rows]
-        tracked += 1
-        if self.momentum is None:  # cumulative average, as torch.nn.BatchNorm
-            factor = (1.0 / tracked.to(var.dtype))[:, None]
-        else:
-            factor = torch.full_like(n, self.momentum)[:, None]
-        running_mean, running_var = self.running_mean[rows], self.running_var[rows]
-        running_mean += factor * (mean - running_mean)
-        running_var += factor * (unbiased - running_var)
 
 
 class _AllReduceSum(torch.autograd.Function):

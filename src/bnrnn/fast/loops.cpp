@@ -195,6 +195,18 @@ const Mkl& mkl() {
   return m;
 }
 
+// MKL limited to the calling thread while in scope (its threads cost more than they save on
+// a step's GEMM), restored on exit, exceptions included.
+struct MklOneThread {
+  int old = 0;
+  MklOneThread() {
+    if (mkl().set_local) old = mkl().set_local(1);
+  }
+  ~MklOneThread() {
+    if (mkl().set_local) mkl().set_local(old);
+  }
+};
+
 // The per-step GEMMs (float32; double always uses at::mm):
 // - BRGEMM: oneDNN's batch-reduce GEMM micro-kernel through at::native::cpublas::brgemm,
 //   which reads A and B in place and writes C with beta 0 directly (torch falls back to
@@ -388,22 +400,16 @@ inline int64_t n_blocks(int64_t macs) {
 template <typename F> void for_steps(const Blocks& bl, int64_t steps, const F& step) {
   const int64_t nb = bl.size();
   if (nb == 1 || at::get_num_threads() == 1 || at::in_parallel_region()) {
-    const int old = mkl().set_local ? mkl().set_local(1) : 0;
-    try {
-      for (int64_t i = 0; i < steps; ++i)
-        for (int64_t p = 0; p < nb; ++p) step(i, p);
-    } catch (...) {
-      if (mkl().set_local) mkl().set_local(old);
-      throw;
-    }
-    if (mkl().set_local) mkl().set_local(old);
+    MklOneThread one;
+    for (int64_t i = 0; i < steps; ++i)
+      for (int64_t p = 0; p < nb; ++p) step(i, p);
     return;
   }
   std::exception_ptr error;
   std::atomic<bool> failed{false};
 #pragma omp parallel num_threads(nb)
   {
-    const int old = mkl().set_local ? mkl().set_local(1) : 0;
+    MklOneThread one;
     const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
     for (int64_t i = 0; i < steps; ++i) {
       // an exception stops the work, not the barriers (every thread must reach them)
@@ -417,7 +423,6 @@ template <typename F> void for_steps(const Blocks& bl, int64_t steps, const F& s
       }
 #pragma omp barrier
     }
-    if (mkl().set_local) mkl().set_local(old);
   }
   if (error) std::rethrow_exception(error);
 }
@@ -845,15 +850,14 @@ bool forward_rows(Ctx& x, int64_t t0, int64_t t1) {
   std::exception_ptr error;
 #pragma omp parallel num_threads(nth)
   {
-    const int old = mkl().set_local ? mkl().set_local(1) : 0;
+    MklOneThread one;
     const int64_t tid = omp_get_thread_num(), k = omp_get_num_threads();
     const int64_t r0 = N * tid / k, r1 = N * (tid + 1) / k;
     try {
       for (int64_t t = t0; t < t1 && r1 > r0; ++t) {
         const int64_t m = std::clamp<int64_t>(x.sizes[t] - r0, 0, r1 - r0);
-        const int64_t s = x.save ? t : 0;
         const T* h_prev = t == 0 ? x.ptr<T>(H0) : x.ptr<T>(OUT) + x.row(t - 1) * N * H;
-        T* wh = x.ptr<T>(XH) + (x.has_hh ? s : 0) * N * G;
+        T* wh = x.ptr<T>(XH);  // one step (nothing is saved here)
         gh.run<T>(0, h_prev + r0 * H, wh + r0 * G, m);
         if (gi) gi->run<T>(0, x.ptr<T>(X_IN) + (x.row(t) * N + r0) * x.I, x.ptr<T>(WX) + r0 * G, m);
         forward_block<T>(x, t, x.sizes[t], 0, H, r0, r1);
@@ -862,7 +866,6 @@ bool forward_rows(Ctx& x, int64_t t0, int64_t t1) {
 #pragma omp critical(bnrnn_fast_error)
       if (!error) error = std::current_exception();
     }
-    if (mkl().set_local) mkl().set_local(old);
   }
   if (error) std::rethrow_exception(error);
   return true;
