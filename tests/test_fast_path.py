@@ -279,6 +279,28 @@ def test_input_without_gradient(backend, norm, input_stats, I, dtype):
         _compare(r1, r2, dtype)
 
 
+@pytest.mark.parametrize("norm", ["cooijmans", "preactivation"])
+def test_large_layer_gemm_in_panels(backend, norm):
+    """A layer whose per-gate weight blocks exceed the L2 budget of the compiled loops'
+    GEMMs (hidden 400: (400, 200) and (200, 400) blocks on two threads, (400, 400) on one),
+    which they multiply in panels of 64 columns with a partial last panel: float32 training
+    and no-grad evaluation against the reference."""
+    torch.manual_seed(6)
+    ref = bnrnn.BNLSTM(40, 400, norm=norm, impl="reference", max_length=4)
+    _randomise(ref)
+    fused = copy.deepcopy(ref)
+    fused.impl = "fused"
+    x = torch.randn(4, 3, 40)
+    _compare(_run(ref, x, True), _run(fused, x, True), torch.float32)
+    for m in (ref, fused):
+        m.eval()
+    with torch.no_grad():
+        (o1, s1), (o2, s2) = ref(x), fused(x)
+    _assert_close(o1, o2, torch.float32, "eval output")
+    for k, (a, b) in enumerate(zip(s1, s2)):
+        _assert_close(a, b, torch.float32, f"eval state {k}")
+
+
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 def test_bnrnn_nonlinearity_and_lengths(backend, nonlinearity):
     torch.manual_seed(2)
