@@ -22,6 +22,9 @@ model runs once per round, side by side (interleaved), for ``--rounds`` rounds: 
 the best of the rounds; time ratios are the median over rounds of the model's time /
 nn.LSTM's time in the same round, since the machine's speed drifts by 10-20% over seconds
 ("(best)": the ratio of the best times, for comparison).
+Then the same ratios split by where the host had put the two vCPUs during each call (near:
+sharing a cache, far: not; read by core_latency.py before and after every timed call): the
+lock-step loops are slower in the far placement, nn.LSTM much less.
 Then the growth with T (mid configuration at T = 100, 400, 1600): time per step and memory
 per step stay flat when cost is linear in T.
 """
@@ -43,6 +46,9 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import bnrnn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from core_latency import CoreLatency, placement  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -169,26 +175,37 @@ def peak_bytes(cfg: Config, variant: str, threads: int, T: int | None = None) ->
         return None
 
 
-def best_times(cfg: Config, variants: list[str], rounds: int, ref_rounds: int):
+Times = dict[tuple[str, str], list[float]]
+
+
+def best_times(
+    cfg: Config, variants: list[str], rounds: int, ref_rounds: int, lat: CoreLatency | None
+):
     """Train and eval times, every model once per round (interleaved): the best time of
     each, and the median over rounds of each model's time / nn.LSTM's time in the same
     round (the machine's speed drifts by 10-20% over seconds here; a ratio of times taken
-    side by side cancels most of it)."""
+    side by side cancels most of it). With ``lat``, each timed call is also labelled with
+    the placement of the two vCPUs read just before and just after it ("near", "far", or
+    "mixed" when the two readings differ; see core_latency.py)."""
     x = make_input(cfg)
     models = {v: make_model(cfg, v) for v in variants}
     for m in models.values():  # warm-up
         train_step(m, x)
         eval_step(m, x)
-    times: dict[tuple[str, str], list[float]] = {}
+    times: Times = {}
+    places: dict[tuple[str, str], list[str]] = {}
     for r in range(rounds):
         for mode, fn in (("train", train_step), ("eval", eval_step)):
             for v, m in models.items():
                 if v == "reference" and r >= ref_rounds:
                     continue
                 m.zero_grad(set_to_none=True)
+                before = placement(lat.probe()) if lat else "?"
                 t0 = time.perf_counter()
                 fn(m, x)
                 times.setdefault((v, mode), []).append(time.perf_counter() - t0)
+                after = placement(lat.probe()) if lat else "?"
+                places.setdefault((v, mode), []).append(before if before == after else "mixed")
     best = {k: min(ts) for k, ts in times.items()}
     ratio = {
         (v, mode): statistics.median(
@@ -197,7 +214,44 @@ def best_times(cfg: Config, variants: list[str], rounds: int, ref_rounds: int):
         for (v, mode), ts in times.items()
     }
     saved = {v: saved_bytes(m, x) for v, m in models.items()}
-    return best, ratio, saved
+    return best, ratio, saved, (times, places)
+
+
+def by_placement(times: Times, places: dict[tuple[str, str], list[str]], v: str, mode: str):
+    """For "near" and "far": (calls of v, calls of nn.LSTM, median time of v / median time
+    of nn.LSTM over the calls in that placement), or None without calls of both."""
+    out = {}
+    for where in ("near", "far"):
+        mine = [t for t, p in zip(times[v, mode], places[v, mode], strict=True) if p == where]
+        base = [
+            t for t, p in zip(times["lstm", mode], places["lstm", mode], strict=True) if p == where
+        ]
+        ratio = statistics.median(mine) / statistics.median(base) if mine and base else None
+        out[where] = (len(mine), len(base), ratio)
+    return out
+
+
+def print_placement(split, variants: list[str]) -> None:
+    """The fast path's ratios split by where the host had put the two vCPUs during the
+    calls (near: sharing a cache; far: not), each the median time of the model's calls in
+    that placement over nn.LSTM's."""
+    print()
+    print(
+        "by placement of the two vCPUs (cache-line round trip read before and after each "
+        "call; far: > 200 ns).\nratio: median time of the model's calls in that placement / "
+        "nn.LSTM's; n: calls of the model / of nn.LSTM"
+    )
+    cols = [f"{mode} {where}" for mode in ("train", "eval") for where in ("near", "far")]
+    header = f"{'config':<12} {'model':<12}" + "".join(f" {c:>10} {'n':>5}" for c in cols)
+    print(header)
+    print("-" * len(header))
+    for name, (times, places) in split.items():
+        for v in (v for v in variants if v.startswith("fast")):
+            line = f"{name:<12} {v:<12}"
+            for mode in ("train", "eval"):
+                for n, nb, r in by_placement(times, places, v, mode).values():
+                    line += f" {'-' if r is None else f'{r:.2f}':>10} {f'{n}/{nb}':>5}"
+            print(line, flush=True)
 
 
 def fmt_ratio(a: float | None, b: float | None) -> str:
@@ -214,6 +268,7 @@ def main() -> None:
     ap.add_argument("--no-peak", action="store_true", help="skip the peak-RSS subprocesses")
     ap.add_argument("--no-growth", action="store_true", help="skip the growth with T")
     ap.add_argument("--quick", action="store_true", help="2 rounds, no reference path")
+    ap.add_argument("--no-placement", action="store_true", help="skip reading the vCPUs' placement")
     ap.add_argument("--_peak", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._peak:
@@ -234,6 +289,8 @@ def main() -> None:
 
     compiled.load()  # build once before timing
 
+    lat = None if args.no_placement else CoreLatency()
+    split: dict[str, tuple[Times, dict[tuple[str, str], list[str]]]] = {}
     header = (
         f"{'config':<12} {'model':<12} {'train ms':>9} {'ratio':>6} {'(best)':>6} "
         f"{'eval ms':>9} {'ratio':>6} {'(best)':>6} {'saved MB':>9} {'ratio':>6} "
@@ -243,7 +300,9 @@ def main() -> None:
     print("-" * len(header))
     for name in args.configs.split(","):
         cfg = CONFIGS[name]
-        best, ratio, saved = best_times(cfg, variants, args.rounds, args.ref_rounds)
+        best, ratio, saved, split[name] = best_times(
+            cfg, variants, args.rounds, args.ref_rounds, lat
+        )
         peaks = {}
         for v in variants:
             if not args.no_peak and not v.startswith("fast-"):
@@ -262,6 +321,8 @@ def main() -> None:
                 flush=True,
             )
 
+    if lat is not None and lat.exe is not None:
+        print_placement(split, variants)
     if args.no_growth:
         return
     print()
@@ -275,7 +336,7 @@ def main() -> None:
     base = CONFIGS["mid"]
     for T in (100, 400, 1600):
         cfg = Config("mid", base.N, base.H, base.I, T)
-        best, ratio, saved = best_times(cfg, ["lstm", "fast"], max(2, args.rounds - 2), 0)
+        best, ratio, saved, _ = best_times(cfg, ["lstm", "fast"], max(2, args.rounds - 2), 0, None)
         peaks = {}
         if not args.no_peak:
             peaks = {v: peak_bytes(cfg, v, args.threads, T) for v in ("lstm", "fast")}

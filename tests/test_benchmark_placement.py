@@ -1,0 +1,49 @@
+"""The benchmark's reading of the vCPUs' placement (benchmarks/core_latency.py) and the
+split of rnn_speed.py's ratios by it. No timing is asserted: only that the probe measures
+something and that the split counts and divides the right calls."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+
+import core_latency  # noqa: E402
+import rnn_speed  # noqa: E402
+
+
+def test_placement_labels():
+    assert core_latency.placement(None) == "?"
+    assert core_latency.placement(80.0) == "near"
+    assert core_latency.placement(350.0) == "far"
+
+
+@pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2 or shutil.which("cc") is None, reason="needs 2 CPUs, cc"
+)
+def test_probe_reads_a_round_trip():
+    lat = core_latency.CoreLatency()
+    assert lat.exe is not None
+    ns = lat.probe(iters=2000, repeats=1)
+    assert ns is not None and 1.0 < ns < 1e6
+
+
+def test_by_placement_splits_calls():
+    times = {
+        ("lstm", "train"): [1.0, 2.0, 4.0, 9.0],
+        ("fast", "train"): [1.5, 3.0, 6.0, 9.0],
+    }
+    places = {
+        ("lstm", "train"): ["near", "far", "far", "mixed"],
+        ("fast", "train"): ["near", "near", "far", "far"],
+    }
+    split = rnn_speed.by_placement(times, places, "fast", "train")
+    assert split["near"] == (2, 1, pytest.approx(2.25 / 1.0))  # median(1.5, 3) / 1
+    assert split["far"] == (2, 2, pytest.approx(7.5 / 3.0))  # median(6, 9) / median(2, 4)
+    places["lstm", "train"] = ["far", "far", "far", "mixed"]
+    assert rnn_speed.by_placement(times, places, "fast", "train")["near"] == (2, 0, None)
