@@ -12,9 +12,9 @@ with the same input form (packed where ours is packed):
   by ``torch.autograd.graph.saved_tensors_hooks``, parameters excluded), ratio;
 - peak: peak resident memory of one training step above the resident memory before it,
   measured in a fresh subprocess per row (``/proc/self/clear_refs`` resets the high-water
-  mark, glibc returns every block of 64 KiB or more to the system on free), ratio. This
-  counts everything the step allocates: saved activations, temporaries, gradients,
-  library scratch.
+  mark, glibc returns every block of 64 KiB or more to the system on free, bnrnn's buffer
+  cache is emptied first), ratio. This counts everything the step allocates: saved
+  activations, temporaries, gradients, library scratch.
 
 for bnrnn's fast path (``impl="auto"``, norm="cooijmans", and norm="input" /
 "preactivation" for speed), and the plain reference loop (``impl="reference"``). Every
@@ -157,6 +157,9 @@ def peak_child(cfg_name: str, variant: str, T: int | None, threads: int) -> None
     train_step(model, x)  # warm-up: one-time allocations, the compiled loops loaded
     model.zero_grad(set_to_none=True)
     gc.collect()
+    # the fast path's buffer cache starts empty, so that the step's peak counts every
+    # buffer it uses (what the cache keeps between steps is at most that)
+    bnrnn.fast.empty_cache()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the high-water mark VmHWM to the current RSS
     before = _status()["VmRSS"]

@@ -379,6 +379,47 @@ def test_compiled_loops_build():
     assert compiled.load() is not None
 
 
+def test_buffer_cache_reuses_and_releases(monkeypatch):
+    """The compiled loops' internal buffers come back from the cache at the next step
+    instead of growing it; what the caller receives (output, gradients) is ordinary;
+    empty_cache releases; with limit 0 nothing is kept; results do not depend on it."""
+    from bnrnn.fast import compiled
+
+    compiled.load()
+    monkeypatch.setattr(fast.direction, "MIN_CHUNK", 1)
+    previous = compiled.set_cache_limit(1 << 30)
+    try:
+        fast.empty_cache()
+        torch.manual_seed(3)
+        model = bnrnn.BNLSTM(8, 64, max_length=30)
+        x = torch.randn(30, 16, 8)
+        h0 = torch.zeros(1, 16, 64, requires_grad=True)
+        results = []
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            h0.grad = None
+            out, _ = model(x, (h0, torch.zeros(1, 16, 64)))
+            out.sum().backward()
+            info = fast.cache_info()
+            results.append((out.detach().clone(), model.weight_hh_l0.grad.clone(), info))
+        assert results[0][2]["free_bytes"] > 0
+        assert results[2][2]["free_blocks"] == results[1][2]["free_blocks"]
+        assert results[2][2]["free_bytes"] == results[1][2]["free_bytes"]
+        for t in (out, h0.grad, model.weight_hh_l0.grad):
+            assert t.untyped_storage().resizable()
+        fast.empty_cache()
+        assert fast.cache_info()["free_bytes"] == 0
+        compiled.set_cache_limit(0)
+        model.zero_grad(set_to_none=True)
+        out, _ = model(x, (h0, torch.zeros(1, 16, 64)))
+        out.sum().backward()
+        assert fast.cache_info() == {"free_bytes": 0, "free_blocks": 0, "limit": 0}
+        for o, g, _ in results:
+            assert torch.equal(o, out.detach()) and torch.equal(g, model.weight_hh_l0.grad)
+    finally:
+        compiled.set_cache_limit(previous)
+
+
 def test_dispatch():
     """impl="auto" and "fused" take the fast path on the CPU; "reference" does not."""
     assert "fused" in bnrnn.rnn.IMPLS

@@ -161,6 +161,30 @@ def set_row_split_bytes(nbytes: int) -> int:
     return int(torch.ops.bnrnn_fast.set_row_split_bytes(nbytes))
 
 
+def empty_cache() -> None:
+    """Return the free blocks kept by the compiled loops' buffer cache to the system (as
+    torch.cuda.empty_cache does for CUDA). A no-op when the loops are not loaded."""
+    if _module is not None:
+        torch.ops.bnrnn_fast.empty_cache()
+
+
+def cache_info() -> dict[str, int]:
+    """The buffer cache: ``free_bytes`` and ``free_blocks`` kept for reuse, and ``limit``,
+    the most free bytes it keeps (zeros when the loops are not loaded)."""
+    if _module is None:
+        return {"free_bytes": 0, "free_blocks": 0, "limit": 0}
+    free_bytes, free_blocks, limit = torch.ops.bnrnn_fast.cache_info()
+    return {"free_bytes": free_bytes, "free_blocks": free_blocks, "limit": limit}
+
+
+def set_cache_limit(nbytes: int) -> int:
+    """The most free bytes the buffer cache keeps (default 1 GiB; 0: keep none, every
+    buffer is returned to the system when freed). Returns the previous limit. Loads the
+    compiled loops."""
+    load()
+    return int(torch.ops.bnrnn_fast.set_cache_limit(nbytes))
+
+
 class _Ops:
     """Calls the compiled loops with the arguments of `bnrnn.fast.loops`."""
 

@@ -339,7 +339,7 @@ def _forward(
     )
     chunked = not save and not plan.inline_ih and not plan.ih_seq and not plan.step_ih
     chunked = chunked and T > EVAL_CHUNK
-    place = _Placer(x, x, h0)
+    place = _Placer(x, x, h0, cached=cfg.ext is not None)
     new = place.new
     if plan.inline_ih or plan.step_ih:  # W_ih x_t is computed inside each step
         WX = new(1, N, G)
@@ -352,7 +352,7 @@ def _forward(
         WX=WX,
         XH=new(S if plan.has_hh else 1, N, G),
         ACT=new(S if lstm and not plan.recompute_act else 1, N, G),
-        OUT=new(T, N, H),
+        OUT=new(T, N, H, escapes=True),
         h0=h0.contiguous(),
         # the compiled loops copy their blocks' columns from the view themselves
         whT=w_hh.t() if cfg.ext is not None else w_hh.t().contiguous(),
@@ -415,6 +415,10 @@ def _forward(
     return b.OUT, h_n, c_n, b
 
 
+# Smallest buffer taken from the compiled loops' cache (smaller ones come from the heap).
+CACHED_MIN = 64 << 10
+
+
 class _Placer:
     """Buffers placed apart modulo 4 KiB. Buffers that a step reads and writes together
     (XH, C, OUT, WX, DWX, dOUT, ...) starting at nearby offsets modulo 4 KiB alias in the L1
@@ -423,10 +427,16 @@ class _Placer:
     them varied from call to call. ``new(*shape)`` makes an empty buffer like ``like``
     starting at the 64-byte offset farthest from every offset taken so far: those of the
     tensors given to ``take`` (made elsewhere: x, W_ih x from oneDNN, autograd's dOUT) and
-    of the buffers made here."""
+    of the buffers made here.
 
-    def __init__(self, like: Tensor, *taken: Tensor | None) -> None:
+    With ``cached`` (the compiled loops loaded), buffers of CACHED_MIN bytes or more come
+    from their buffer cache (see Cache in loops.cpp: reused instead of faulted in afresh),
+    except those made with ``escapes=True``: tensors handed to the caller (the output,
+    gradients) stay ordinary, resizable tensors."""
+
+    def __init__(self, like: Tensor, *taken: Tensor | None, cached: bool = False) -> None:
         self.like = like
+        self.cached = cached and like.device.type == "cpu"
         self.offsets: list[int] = []
         self.take(*taken)
 
@@ -441,17 +451,21 @@ class _Placer:
 
         return max(range(0, 4096, 64), key=gap) if self.offsets else 0
 
-    def copy(self, t: Tensor) -> Tensor:
+    def copy(self, t: Tensor, escapes: bool = False) -> Tensor:
         """A placed contiguous copy of t."""
-        return self.new(*t.shape).copy_(t)
+        return self.new(*t.shape, escapes=escapes).copy_(t)
 
-    def zeros(self, *shape: int) -> Tensor:
-        return self.new(*shape).zero_()
+    def zeros(self, *shape: int, escapes: bool = False) -> Tensor:
+        return self.new(*shape, escapes=escapes).zero_()
 
-    def new(self, *shape: int) -> Tensor:
+    def new(self, *shape: int, escapes: bool = False) -> Tensor:
         n = math.prod(shape)
         elem = self.like.element_size()
-        buf = self.like.new_empty(n + 4096 // elem)  # (allocations are 64-byte aligned)
+        size = n + 4096 // elem  # room to shift (allocations are 64-byte aligned)
+        if self.cached and not escapes and size * elem >= CACHED_MIN:
+            buf = torch.ops.bnrnn_fast.cached_empty(size, self.like.dtype)
+        else:
+            buf = self.like.new_empty(size)
         target = self._free_offset()
         shift = ((target - buf.data_ptr()) % 4096) // elem
         self.offsets.append(target)
@@ -533,13 +547,15 @@ class _FastDirection(torch.autograd.Function):
                 b.B[key] = ctx.flags[key]
         b.dOUT = d_out.contiguous() if d_out is not None else x.new_zeros(T, N, H)
         # apart from what the backward steps read: the kept buffers, dOUT, x
-        place = _Placer(x, b.XH, b.C, b.OUT, b.WX, b.ACT, b.dOUT, x)
+        place = _Placer(x, b.XH, b.C, b.OUT, b.WX, b.ACT, b.dOUT, x, cached=cfg.ext is not None)
         new = place.new
         if plan.recompute_act:
             b.ACT = new(1, N, G)  # the step's gate activations, recomputed
-        b.dh = place.copy(d_hn) if d_hn is not None else place.zeros(N, H)
+        # (dh, dc and the gradients are returned: plain tensors, not from the cache)
+        out_zeros = functools.partial(place.zeros, escapes=True)
+        b.dh = place.copy(d_hn, escapes=True) if d_hn is not None else out_zeros(N, H)
         if lstm:
-            b.dc = place.copy(d_cn) if d_cn is not None else place.zeros(N, H)
+            b.dc = place.copy(d_cn, escapes=True) if d_cn is not None else out_zeros(N, H)
         separate = (plan.has_ih or plan.has_hh) and not plan.has_pre
         need = ctx.needs_input_grad[1:]
         wx_kept = b.WX
@@ -563,7 +579,7 @@ class _FastDirection(torch.autograd.Function):
         # accumulated inside the loop, dx is one GEMM over the chunk)
         b.DWX = new(1 if (plan.inline_ih and separate and not need[0]) else K, N, G)
         b.DWH = new(K, N, G) if separate else b.DWX
-        zeros = place.zeros
+        zeros = out_zeros
         b.grads = {"sum": zeros(G)}
         for key, gamma in (("ih", g_ih), ("hh", g_hh), ("pre", g_pre), ("c", g_c)):
             if gamma is not None:

@@ -21,7 +21,10 @@
 #include <atomic>
 #include <exception>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <vector>
 
 namespace {
@@ -169,6 +172,80 @@ __attribute__((noinline)) void lstm_out_row(int64_t w, const T* __restrict__ c,
 }
 
 // ---------------------------------------------------------------------------------------
+// Buffer cache.
+//
+// The fast path's internal buffers (the saved XH and C, the backward's DWX and DWH, the
+// GEMMs' weight copies, ...) are large and short-lived: a fresh one from the system costs
+// its page faults on first touch, about 0.6 ms per MB here (char-PTB writes some 250 MB per
+// training step). Freed blocks are kept and handed out again for requests of their size
+// or up to a quarter smaller, as PyTorch's CUDA caching allocator does, up to a limit of
+// free bytes (set_cache_limit; empty_cache returns them). Paired with nn.LSTM in one
+// process, training: char-PTB 1.25 -> 1.16, mid 1.06 -> 1.02, sMNIST 0.92 -> 0.72.
+
+struct Cache {
+  std::mutex mu;
+  std::multimap<size_t, void*> free_blocks;  // by size
+  size_t free_bytes = 0;
+  size_t limit = size_t(1) << 30;
+  static constexpr size_t ALIGN = 4096, GRAIN = 64 << 10;
+
+  std::pair<void*, size_t> take(size_t bytes) {
+    bytes = std::max<size_t>(GRAIN, (bytes + GRAIN - 1) / GRAIN * GRAIN);
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      auto it = free_blocks.lower_bound(bytes);
+      if (it != free_blocks.end() && it->first <= bytes + bytes / 4) {
+        auto block = std::make_pair(it->second, it->first);
+        free_bytes -= it->first;
+        free_blocks.erase(it);
+        return block;
+      }
+    }
+    void* p = std::aligned_alloc(ALIGN, bytes);
+    if (!p) {  // free what is kept, then try once more
+      release();
+      p = std::aligned_alloc(ALIGN, bytes);
+    }
+    TORCH_CHECK(p, "bnrnn_fast: out of memory allocating ", bytes, " bytes");
+    return {p, bytes};
+  }
+  void give(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (free_bytes + bytes <= limit) {
+        free_blocks.emplace(bytes, p);
+        free_bytes += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+  void release() {
+    std::multimap<size_t, void*> blocks;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      blocks.swap(free_blocks);
+      free_bytes = 0;
+    }
+    for (auto& b : blocks) std::free(b.second);
+  }
+};
+
+Cache& cache() {
+  static Cache* c = new Cache;  // never destroyed: tensors may outlive static destruction
+  return *c;
+}
+
+// An uninitialised 1-d tensor of n elements from the cache.
+at::Tensor cached_empty(int64_t n, at::ScalarType dtype) {
+  TORCH_CHECK(n >= 0, "cached_empty: negative size");
+  auto [p, bytes] = cache().take(size_t(n) * at::elementSize(dtype));
+  return at::from_blob(
+      p, {n}, [bytes = bytes](void* q) { cache().give(q, bytes); },
+      at::TensorOptions().dtype(dtype));
+}
+
+// ---------------------------------------------------------------------------------------
 // GEMM: C (m, n) = A (m, k) @ B (k, n), row-major, B fixed for the whole loop.
 
 typedef size_t (*pack_size_fn)(int, int, int, int);
@@ -277,14 +354,21 @@ struct BlockGemm {
       : B(B_), K(B_.size(0)), L(B_.size(1)), S(S_), gates(gates_), blocks(&bl) {
     mode = gemm_mode(B, max_m);
     whole = mode == BRGEMM && bl.size() == 1 && bl.j1[0] - bl.j0[0] == S && L == gates * S;
-    if (whole || mode == PACKED) B = B.contiguous();
-    for (int64_t p = 0; p < bl.size() && mode != MM && !whole; ++p) {
+    if (whole) B = cached_empty(K * L, at::kFloat).view({K, L}).copy_(B);
+    if (mode == PACKED) B = B.contiguous();
+    if (mode == BRGEMM && !whole) {  // the parts one after another in one cached block
+      std::vector<int64_t> start{0};  // of each part, 64-byte aligned
+      for (int64_t q = 0; q < bl.size() * gates; ++q)
+        start.push_back(start.back() + (K * (bl.j1[q / gates] - bl.j0[q / gates]) + 15) / 16 * 16);
+      at::Tensor all = cached_empty(start.back(), at::kFloat);
+      for (int64_t q = 0; q < bl.size() * gates; ++q) {
+        const int64_t w = bl.j1[q / gates] - bl.j0[q / gates];
+        parts.push_back(all.narrow(0, start[q], K * w).view({K, w}));
+      }
+    }
+    for (int64_t p = 0; p < bl.size() && mode == PACKED; ++p) {
       const int64_t w = bl.j1[p] - bl.j0[p];
       for (int64_t k = 0; k < gates; ++k) {
-        if (mode == BRGEMM) {
-          parts.push_back(at::empty({K, w}, B.options()));
-          continue;
-        }
         size_t bytes = mkl().size(162, (int)max_m, (int)w, (int)K);
         at::Tensor out = at::empty({(int64_t)(bytes / sizeof(float)) + 16}, B.options());
         mkl().pack(101, 162, 111, (int)max_m, (int)w, (int)K, 1.0f,
@@ -1284,6 +1368,22 @@ int64_t set_block_macs(int64_t macs) {
   return old;
 }
 
+int64_t set_cache_limit(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "set_cache_limit: negative limit");
+  std::lock_guard<std::mutex> lock(cache().mu);
+  const int64_t old = (int64_t)cache().limit;
+  cache().limit = (size_t)bytes;
+  return old;
+}
+
+void empty_cache() { cache().release(); }
+
+std::vector<int64_t> cache_info() {  // free bytes kept, free blocks kept, limit
+  std::lock_guard<std::mutex> lock(cache().mu);
+  return {(int64_t)cache().free_bytes, (int64_t)cache().free_blocks.size(),
+          (int64_t)cache().limit};
+}
+
 bool set_gemm(std::string name) {
   TORCH_CHECK(name == "brgemm" || name == "packed" || name == "mm", "unknown GEMM ", name);
   g_gemm = name == "brgemm" ? BRGEMM : name == "packed" ? PACKED : MM;
@@ -1298,6 +1398,10 @@ TORCH_LIBRARY(bnrnn_fast, m) {
   m.def("backward_loop(int[] cfg, float[] eps, int[] sizes, Tensor?[] tensors, int t0, int t1) -> ()",
         &backward_loop);
   m.def("set_gemm(str name) -> bool", &set_gemm);
+  m.def("cached_empty(int n, ScalarType dtype) -> Tensor", &cached_empty);
+  m.def("set_cache_limit(int bytes) -> int", &set_cache_limit);
+  m.def("empty_cache() -> ()", &empty_cache);
+  m.def("cache_info() -> int[]", &cache_info);
   m.def("set_block_macs(int macs) -> int", &set_block_macs);
   m.def("set_row_split_bytes(int bytes) -> int", &set_row_split_bytes);
 }
