@@ -46,6 +46,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import bnrnn
+from bnrnn.fast import empty_cache
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from core_latency import CoreLatency, placement  # noqa: E402
@@ -159,7 +160,7 @@ def peak_child(cfg_name: str, variant: str, T: int | None, threads: int) -> None
     gc.collect()
     # the fast path's buffer cache starts empty, so that the step's peak counts every
     # buffer it uses (what the cache keeps between steps is at most that)
-    bnrnn.fast.empty_cache()
+    empty_cache()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the high-water mark VmHWM to the current RSS
     before = _status()["VmRSS"]

@@ -1,6 +1,7 @@
-"""The benchmark's reading of the vCPUs' placement (benchmarks/core_latency.py) and the
-split of rnn_speed.py's ratios by it. No timing is asserted: only that the probe measures
-something and that the split counts and divides the right calls."""
+"""Tools of the speed benchmark: the reading of the vCPUs' placement
+(benchmarks/core_latency.py), the split of rnn_speed.py's ratios by it, and its peak-memory
+subprocess. No timing is asserted: only that the probe measures something, that the split
+counts and divides the right calls, and that the peak is measured for every kind of model."""
 
 from __future__ import annotations
 
@@ -47,3 +48,10 @@ def test_by_placement_splits_calls():
     assert split["far"] == (2, 2, pytest.approx(7.5 / 3.0))  # median(6, 9) / median(2, 4)
     places["lstm", "train"] = ["far", "far", "far", "mixed"]
     assert rnn_speed.by_placement(times, places, "fast", "train")["near"] == (2, 0, None)
+
+
+@pytest.mark.parametrize("variant", ["lstm", "fast", "reference"])
+def test_peak_subprocess_measures_every_model(variant):
+    """The fresh-process peak of one training step (a short mid configuration)."""
+    peak = rnn_speed.peak_bytes(rnn_speed.CONFIGS["mid"], variant, threads=2, T=10)
+    assert peak is not None and peak > 0
