@@ -179,7 +179,8 @@ def peak_bytes(cfg: Config, variant: str, threads: int, T: int | None = None) ->
         return None
 
 
-Times = dict[tuple[str, str], list[float]]
+Times = dict[tuple[str, str], list[float]]  # (model, mode) -> one entry per timed call
+Places = dict[tuple[str, str], list[str]]  # the same calls' placements
 
 
 def best_times(
@@ -197,7 +198,7 @@ def best_times(
         train_step(m, x)
         eval_step(m, x)
     times: Times = {}
-    places: dict[tuple[str, str], list[str]] = {}
+    places: Places = {}
     for r in range(rounds):
         for mode, fn in (("train", train_step), ("eval", eval_step)):
             for v, m in models.items():
@@ -221,21 +222,23 @@ def best_times(
     return best, ratio, saved, (times, places)
 
 
-def by_placement(times: Times, places: dict[tuple[str, str], list[str]], v: str, mode: str):
+def by_placement(times: Times, places: Places, v: str, mode: str):
     """For "near" and "far": (calls of v, calls of nn.LSTM, median time of v / median time
     of nn.LSTM over the calls in that placement), or None without calls of both."""
+
+    def calls(model: str, where: str) -> list[float]:
+        key = (model, mode)
+        return [t for t, p in zip(times[key], places[key], strict=True) if p == where]
+
     out = {}
     for where in ("near", "far"):
-        mine = [t for t, p in zip(times[v, mode], places[v, mode], strict=True) if p == where]
-        base = [
-            t for t, p in zip(times["lstm", mode], places["lstm", mode], strict=True) if p == where
-        ]
+        mine, base = calls(v, where), calls("lstm", where)
         ratio = statistics.median(mine) / statistics.median(base) if mine and base else None
         out[where] = (len(mine), len(base), ratio)
     return out
 
 
-def print_placement(split, variants: list[str]) -> None:
+def print_placement(split: dict[str, tuple[Times, Places]], variants: list[str]) -> None:
     """The fast path's ratios split by where the host had put the two vCPUs during the
     calls (near: sharing a cache; far: not), each the median time of the model's calls in
     that placement over nn.LSTM's."""
@@ -294,7 +297,7 @@ def main() -> None:
     compiled.load()  # build once before timing
 
     lat = None if args.no_placement else CoreLatency()
-    split: dict[str, tuple[Times, dict[tuple[str, str], list[str]]]] = {}
+    split: dict[str, tuple[Times, Places]] = {}
     header = (
         f"{'config':<12} {'model':<12} {'train ms':>9} {'ratio':>6} {'(best)':>6} "
         f"{'eval ms':>9} {'ratio':>6} {'(best)':>6} {'saved MB':>9} {'ratio':>6} "

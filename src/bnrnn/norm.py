@@ -226,9 +226,9 @@ class StepBatchNorm(nn.Module):
         slices: no gather and scatter of (k, F) rows)."""
         if not self.uses_batch_stats or len(counts) == 0:
             return
+        n = torch.as_tensor(list(counts), dtype=var.dtype, device=var.device)
         if isinstance(steps, range):
             if steps.step == 1 and steps.stop <= self.max_length:
-                n = torch.as_tensor(list(counts), dtype=var.dtype, device=var.device)
                 self._fold(slice(steps.start, steps.stop), mean, var, n)
                 return
             steps = torch.tensor(list(steps))
@@ -244,8 +244,7 @@ class StepBatchNorm(nn.Module):
             self._warned_beyond = True
         if not bool(inside.any()):
             return
-        n = torch.as_tensor(list(counts), dtype=var.dtype, device=var.device)[inside]
-        self._fold(steps[inside], mean[inside], var[inside], n)
+        self._fold(steps[inside], mean[inside], var[inside], n[inside])
 
     def _fold(self, rows: Tensor | slice, mean: Tensor, var: Tensor, n: Tensor) -> None:
         """The population rows ``rows`` (indices, or a slice: updated in place through

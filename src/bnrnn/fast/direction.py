@@ -552,10 +552,10 @@ class _FastDirection(torch.autograd.Function):
         if plan.recompute_act:
             b.ACT = new(1, N, G)  # the step's gate activations, recomputed
         # (dh, dc and the gradients are returned: plain tensors, not from the cache)
-        out_zeros = functools.partial(place.zeros, escapes=True)
-        b.dh = place.copy(d_hn, escapes=True) if d_hn is not None else out_zeros(N, H)
+        zeros = functools.partial(place.zeros, escapes=True)
+        b.dh = place.copy(d_hn, escapes=True) if d_hn is not None else zeros(N, H)
         if lstm:
-            b.dc = place.copy(d_cn, escapes=True) if d_cn is not None else out_zeros(N, H)
+            b.dc = place.copy(d_cn, escapes=True) if d_cn is not None else zeros(N, H)
         separate = (plan.has_ih or plan.has_hh) and not plan.has_pre
         need = ctx.needs_input_grad[1:]
         wx_kept = b.WX
@@ -579,7 +579,6 @@ class _FastDirection(torch.autograd.Function):
         # accumulated inside the loop, dx is one GEMM over the chunk)
         b.DWX = new(1 if (plan.inline_ih and separate and not need[0]) else K, N, G)
         b.DWH = new(K, N, G) if separate else b.DWX
-        zeros = out_zeros
         b.grads = {"sum": zeros(G)}
         for key, gamma in (("ih", g_ih), ("hh", g_hh), ("pre", g_pre), ("c", g_c)):
             if gamma is not None:

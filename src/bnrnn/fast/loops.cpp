@@ -178,9 +178,10 @@ __attribute__((noinline)) void lstm_out_row(int64_t w, const T* __restrict__ c,
 // GEMMs' weight copies, ...) are large and short-lived: a fresh one from the system costs
 // its page faults on first touch, about 0.6 ms per MB here (char-PTB writes some 250 MB per
 // training step). Freed blocks are kept and handed out again for requests of their size
-// or up to a quarter smaller, as PyTorch's CUDA caching allocator does, up to a limit of
-// free bytes (set_cache_limit; empty_cache returns them). Paired with nn.LSTM in one
-// process, training: char-PTB 1.25 -> 1.16, mid 1.06 -> 1.02, sMNIST 0.92 -> 0.72.
+// or up to a fifth smaller (a block at most 1.25 times the request), as PyTorch's CUDA
+// caching allocator does, up to a limit of free bytes (set_cache_limit; empty_cache
+// returns them). Paired with nn.LSTM in one process, training: char-PTB 1.25 -> 1.15,
+// mid 1.09 -> 1.06, sMNIST 0.90 -> 0.76.
 
 struct Cache {
   std::mutex mu;
