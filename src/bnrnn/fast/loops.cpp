@@ -330,9 +330,10 @@ struct Blocks {
 // 1.20-1.23 -> 1.12-1.19 (loop GEMMs: forward 403 -> 377 ms, backward 365 -> 325 ms per
 // step of 100 time steps); (32, 256) has no block above the budget. Contiguous panels
 // (ldb 64) measured no faster than reading them in place.
+constexpr int64_t L2_SHARE = 256 << 10;  // bytes of B per brgemm call kept in L2
 inline int64_t panel_cols(int64_t k, int64_t n) {
-  constexpr int64_t BUDGET = 256 << 10, PANEL = 64;
-  return k * n * (int64_t)sizeof(float) > BUDGET ? PANEL : n;
+  constexpr int64_t PANEL = 64;
+  return k * n * (int64_t)sizeof(float) > L2_SHARE ? PANEL : n;
 }
 
 struct BlockGemm {
@@ -346,15 +347,19 @@ struct BlockGemm {
   // [p * gates + k]: PACKED: MKL's packed B; BRGEMM: B[:, k S + j0 : k S + j1] contiguous
   // (K, w), which streams 5-9% faster than reading the columns in place (ld L).
   std::vector<at::Tensor> parts;
-  // BRGEMM with one block of all units: one GEMM of all L columns of B in place (at
-  // (N 32, H 100) one call of 400 columns instead of four of 100, each with a masked tail)
+  // BRGEMM with one block of all units and B within L2_SHARE: one GEMM of all L columns of
+  // B in place (at (N 32, H 100) one call of 400 columns instead of four of 100, each with
+  // a masked tail). A larger B goes by gates: (M 16, K 256, L 1024), one thread, ran at 189
+  // GFLOP/s in one call and 231 in four; the mid configuration's evaluation with its rows
+  // split over threads 15.9 -> 14.5 ms.
   bool whole = false;
   // B_ may be a strided view (W_hh^T of the forward): BRGEMM copies each block's gate columns
   // from it (one transposing copy instead of a contiguous W_hh^T and then the parts)
   BlockGemm(const at::Tensor& B_, int64_t S_, int64_t gates_, const Blocks& bl, int64_t max_m)
       : B(B_), K(B_.size(0)), L(B_.size(1)), S(S_), gates(gates_), blocks(&bl) {
     mode = gemm_mode(B, max_m);
-    whole = mode == BRGEMM && bl.size() == 1 && bl.j1[0] - bl.j0[0] == S && L == gates * S;
+    whole = mode == BRGEMM && bl.size() == 1 && bl.j1[0] - bl.j0[0] == S && L == gates * S &&
+            K * L * (int64_t)sizeof(float) <= L2_SHARE;
     if (whole) B = cached_empty(K * L, at::kFloat).view({K, L}).copy_(B);
     if (mode == PACKED) B = B.contiguous();
     if (mode == BRGEMM && !whole) {  // the parts one after another in one cached block
