@@ -227,6 +227,43 @@ def test_no_grad_evaluation(backend, cls, norm, input_stats, dtype):
 
 
 @pytest.mark.parametrize("norm,input_stats", PLACEMENTS)
+def test_evaluation_reads_population_rows_in_place(backend, norm, input_stats, monkeypatch):
+    """Without a backward and within max_length, the loops read the module's population
+    rows themselves (no copy); beyond max_length (the last row reused), with gradients
+    (kept for the backward) or in training (batch statistics) they get filled buffers. The
+    results match the reference either way."""
+    ref, fused = _pair(
+        bnrnn.BNLSTM, torch.float32, norm=norm, input_stats=input_stats, max_length=5
+    )
+    seen: list[bool] = []
+    original = fast.direction._population_rows
+
+    def spy(cfg, key, *args):
+        result = original(cfg, key, *args)
+        if not (key == "ih" and cfg.plan.ih_seq):  # one row for all steps: always filled
+            seen.append(result)
+        return result
+
+    monkeypatch.setattr(fast.direction, "_population_rows", spy)
+    for m in (ref, fused):
+        m.eval()
+    for T, grad, in_place in ((5, False, True), (7, False, False), (5, True, False)):
+        x = torch.randn(T, 6, 3, requires_grad=grad)
+        seen.clear()
+        with torch.set_grad_enabled(grad):
+            (o1, (h1, c1)), (o2, (h2, c2)) = ref(x), fused(x)
+        assert all(s == in_place for s in seen), (T, grad, seen)
+        # (no per-step BN: none at all, or input-only with sequence-wise statistics)
+        assert seen or norm is None or (norm, input_stats) == ("input", "sequence")
+        for what, a, b in (("output", o1, o2), ("h", h1, h2), ("c", c1, c2)):
+            _assert_close(a, b, torch.float32, f"{what} at T={T}")
+    fused.train()
+    seen.clear()
+    fused(torch.randn(5, 6, 3))
+    assert not any(seen)
+
+
+@pytest.mark.parametrize("norm,input_stats", PLACEMENTS)
 def test_padded_full_length_and_initial_state(backend, norm, input_stats):
     """A padded batch_first tensor without lengths, an explicit initial state (gradients
     flow into it), both directions (the reverse one of a batch with no padding), float32
@@ -441,6 +478,46 @@ def test_dispatch():
         assert not calls
     finally:
         fast.fast_direction = original
+
+
+def test_placer_offset_is_the_exhaustive_scans():
+    """The placer's next offset, from the midpoints of the gaps between the offsets taken,
+    is the one a scan of all 64 multiples of 64 picks (the first farthest)."""
+    import random
+
+    from bnrnn.fast.direction import _Placer
+
+    def scan(offsets):
+        def gap(o):
+            return min(min((o - u) % 4096, (u - o) % 4096) for u in offsets)
+
+        return max(range(0, 4096, 64), key=gap) if offsets else 0
+
+    rng = random.Random(3)
+    place = _Placer(torch.empty(1))
+    for _ in range(3000):
+        k = rng.randint(0, 12)
+        place.offsets = [
+            rng.choice((rng.randrange(4096), rng.randrange(64) * 64)) for _ in range(k)
+        ]
+        assert place._free_offset() == scan(place.offsets), place.offsets
+
+
+def test_weight_gradient_accumulation_matches_addmm():
+    """_add_weight_grad: out^T += a^T @ d through oneDNN (float32) and torch.mm (float64,
+    or oneDNN disabled), against addmm."""
+    from bnrnn.fast.direction import _add_weight_grad
+
+    torch.manual_seed(4)
+    for dtype, onednn in ((torch.float32, True), (torch.float32, False), (torch.float64, True)):
+        a, d = torch.randn(70, 9, dtype=dtype), torch.randn(70, 36, dtype=dtype)
+        start = torch.randn(9, 36, dtype=dtype)
+        out = start.clone()
+        with torch.backends.mkldnn.flags(enabled=onednn):
+            _add_weight_grad(out, a, d)
+            _add_weight_grad(out, a[:5], d[:5])
+        expected = start.addmm(a.t(), d).addmm(a[:5].t(), d[:5])
+        _assert_close(out, expected, dtype, f"{dtype} oneDNN={onednn}")
 
 
 def test_placer_spreads_buffers_modulo_4k():

@@ -123,16 +123,32 @@ def _onednn_linear() -> bool:
 _ONEDNN_LINEAR = _onednn_linear()
 
 
-def _linear(a: Tensor, w: Tensor) -> Tensor:
-    """a @ w.t() for the large input GEMMs over all steps. float32 on the CPU goes through
-    oneDNN's matmul, the GEMM nn.LSTM uses, which ran 10-30% faster than torch.mm (MKL) on
-    these shapes here (2 threads; the weight-gradient GEMMs, which need a transposed
-    operand, stay on torch.mm, which was faster for them). Not while
-    ``torch.backends.mkldnn.enabled`` is False."""
+def _onednn(a: Tensor) -> bool:
+    """float32 on the CPU with oneDNN's matmul available and enabled
+    (``torch.backends.mkldnn.enabled``)."""
     cpu32 = a.dtype == torch.float32 and a.device.type == "cpu"
-    if _ONEDNN_LINEAR and cpu32 and torch._C._get_mkldnn_enabled():
+    return _ONEDNN_LINEAR and cpu32 and torch._C._get_mkldnn_enabled()
+
+
+def _linear(a: Tensor, w: Tensor) -> Tensor:
+    """a @ w.t() for the large input GEMMs over all steps, through oneDNN's matmul (the
+    GEMM nn.LSTM uses) where `_onednn`: 10-30% faster than torch.mm (MKL) on these shapes
+    here, 2 threads."""
+    if _onednn(a):
         return torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
     return torch.mm(a, w.t())
+
+
+def _add_weight_grad(out_t: Tensor, a: Tensor, d: Tensor) -> None:
+    """out_t (P, G) += a^T @ d for a (R, P) and d (R, G): a weight gradient accumulated
+    transposed, dW^T = sum over rows of a_r d_r^T. oneDNN computes a^T @ d (both operands
+    transposed views) at 1.5-2x torch.mm's rate here, where the untransposed dW = d^T @ a
+    ran at torch.mm's: 2 threads, float32, (R, G, P) = (1600, 1024, 256) 189 -> 315 GFLOP/s,
+    (2500, 4000, 1000) 213 -> 414, (12544, 400, 100) 178 -> 297."""
+    if _onednn(a):
+        out_t.add_(torch.ops.mkldnn._linear_pointwise(a.t(), d.t(), None, "none", [], ""))
+    else:
+        out_t.addmm_(a.t(), d)
 
 
 class _Config:
@@ -245,13 +261,30 @@ def _stat_buffers(
 ) -> tuple[Tensor, Tensor, list[bool]]:
     """Mean and variance rows (rows, F), and the per-step batch-statistics flags."""
     plan, bn = cfg.plan, cfg.bns[key]
-    M = place.new(rows, F)
-    V = place.new(rows, F)
     if key == "ih" and plan.ih_seq:
         flags = [False] * len(plan.sizes)  # computed before the loop
     else:
-        flags = [bn.uses_batch_stats and n >= 2 for n in plan.sizes]
-    return M, V, flags
+        batch = bn.uses_batch_stats
+        flags = [batch and n >= 2 for n in plan.sizes]
+    if _population_rows(cfg, key, rows, flags, place.like):  # read in place: no copy
+        off = cfg.time_offset
+        return bn.running_mean[off : off + rows], bn.running_var[off : off + rows], flags
+    return place.new(rows, F), place.new(rows, F), flags
+
+
+def _population_rows(cfg: _Config, key: str, rows: int, flags: list[bool], like: Tensor) -> bool:
+    """Whether the loops may read the module's population rows themselves: no step has
+    batch statistics, nothing is kept for a backward (that reads them later), and the rows
+    are the module's own, with no step beyond max_length (those reuse the last row)."""
+    bn = cfg.bns[key]
+    return (
+        not cfg.plan.save
+        and not any(flags)
+        and not (key == "ih" and cfg.plan.ih_seq)
+        and cfg.time_offset + rows <= bn.max_length
+        and bn.running_mean.dtype == like.dtype
+        and bn.running_mean.device == like.device
+    )
 
 
 def _fill_population(cfg: _Config, b: Buffers, key: str, t0: int, t1: int) -> None:
@@ -259,7 +292,7 @@ def _fill_population(cfg: _Config, b: Buffers, key: str, t0: int, t1: int) -> No
     statistics, read from the module's buffers now."""
     bn = cfg.bns[key]
     steps = [t for t in range(t0, t1) if not b.B[key][t]]
-    if not steps:
+    if not steps or b.M[key]._base is bn.running_mean:  # read in place (_population_rows)
         return
     # index_select / index_copy_: one gather and one scatter (indexed assignment costs ~1 ms
     # per call at T = 200)
@@ -446,10 +479,22 @@ class _Placer:
                 self.offsets.append(t.data_ptr() % 4096)
 
     def _free_offset(self) -> int:
-        def gap(o: int) -> int:
-            return min(min((o - u) % 4096, (u - o) % 4096) for u in self.offsets)
+        """The first multiple of 64 in [0, 4096) farthest (circularly) from every offset."""
+        if not self.offsets:
+            return 0
+        us = sorted(set(self.offsets))
 
-        return max(range(0, 4096, 64), key=gap) if self.offsets else 0
+        def gap(o: int) -> int:
+            return min(min((o - u) % 4096, (u - o) % 4096) for u in us)
+
+        # Between two neighbouring offsets the distance rises to the midpoint and falls
+        # after it: the best multiple of 64 is one of the two around some midpoint (the
+        # scan of all 64 of them cost ~1 ms of Python per call).
+        candidates = set()
+        for a, b in zip(us, us[1:] + [us[0] + 4096]):
+            low = (a + b) // 2 // 64 * 64
+            candidates.update((low % 4096, (low + 64) % 4096))
+        return max(sorted(candidates), key=gap)
 
     def copy(self, t: Tensor, escapes: bool = False) -> Tensor:
         """A placed contiguous copy of t."""
@@ -588,8 +633,9 @@ class _FastDirection(torch.autograd.Function):
         if plan.inline_ih:
             b.grads["w_ihT"] = zeros(I, G)
         dx = x.new_empty(T, N, I) if (need[0] and not plan.inline_ih) else None
-        dw_ih = zeros(G, I) if (need[3] and not plan.inline_ih) else None
-        dw_hh = zeros(G, H) if need[4] else None
+        # the weight gradients transposed (see _add_weight_grad), made contiguous at the end
+        dw_ihT = x.new_zeros(I, G) if (need[3] and not plan.inline_ih) else None
+        dw_hhT = x.new_zeros(H, G) if need[4] else None
         if wx_kept is None:
             b.WX = new(K if recompute else 1, N, G)
         for t1 in range(T, 0, -K):
@@ -614,16 +660,19 @@ class _FastDirection(torch.autograd.Function):
                 dwx = b.DWX[:k].view(k * N, G)
                 if dx is not None:
                     dx[t0:t1].view(k * N, I).copy_(_linear(dwx, w_ih.t()))
-                if dw_ih is not None:
-                    dw_ih.addmm_(dwx.t(), x[t0:t1].reshape(k * N, I))
-            if dw_hh is not None:  # h_{t-1} is h0 at t = 0, else the previous output
+                if dw_ihT is not None:
+                    _add_weight_grad(dw_ihT, x[t0:t1].reshape(k * N, I), dwx)
+            if dw_hhT is not None:  # h_{t-1} is h0 at t = 0, else the previous output
                 dwh = b.DWH[:k]
                 if t0 == 0:
-                    dw_hh.addmm_(dwh[0].t(), b.h0)
+                    _add_weight_grad(dw_hhT, b.h0, dwh[0])
                     dwh, t0 = dwh[1:], 1
                 if t1 > t0:
                     rows = (t1 - t0) * N
-                    dw_hh.addmm_(dwh.reshape(rows, G).t(), b.OUT[t0 - 1 : t1 - 1].reshape(rows, H))
+                    hs = b.OUT[t0 - 1 : t1 - 1].reshape(rows, H)
+                    _add_weight_grad(dw_hhT, hs, dwh.reshape(rows, G))
+        dw_ih = None if dw_ihT is None else dw_ihT.t().contiguous()
+        dw_hh = None if dw_hhT is None else dw_hhT.t().contiguous()
         if plan.inline_ih:
             dx = b.dX
             dw_ih = b.grads["w_ihT"].t() if need[3] else None
