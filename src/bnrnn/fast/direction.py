@@ -483,18 +483,16 @@ class _Placer:
         if not self.offsets:
             return 0
         us = sorted(set(self.offsets))
-
-        def gap(o: int) -> int:
-            return min(min((o - u) % 4096, (u - o) % 4096) for u in us)
-
-        # Between two neighbouring offsets the distance rises to the midpoint and falls
-        # after it: the best multiple of 64 is one of the two around some midpoint (the
-        # scan of all 64 of them cost ~1 ms of Python per call).
-        candidates = set()
+        # Between neighbouring offsets a < b the distance to the nearest offset is
+        # min(o - a, b - o): the best multiple of 64 in [a, b] is one of the two around
+        # the midpoint (a scan of all 64 cost ~1 ms of Python per call).
+        best = (1, 0)  # (-distance, offset)
         for a, b in zip(us, us[1:] + [us[0] + 4096]):
             low = (a + b) // 2 // 64 * 64
-            candidates.update((low % 4096, (low + 64) % 4096))
-        return max(sorted(candidates), key=gap)
+            for o in (low, low + 64):
+                if a <= o <= b:
+                    best = min(best, (-min(o - a, b - o), o % 4096))
+        return best[1]
 
     def copy(self, t: Tensor, escapes: bool = False) -> Tensor:
         """A placed contiguous copy of t."""
