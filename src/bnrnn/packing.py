@@ -58,6 +58,11 @@ def batch_sizes_of(lengths: Tensor, T: int) -> list[int]:
     return (lengths[None, :] > torch.arange(T)[:, None]).sum(1).tolist()
 
 
+def unpadded(batch_sizes: Sequence[int], N: int) -> bool:
+    """Every one of the N sequences is present at every step (no padding)."""
+    return all(n == N for n in batch_sizes)
+
+
 def prepare_input(
     input: Tensor | PackedSequence,
     input_size: int,

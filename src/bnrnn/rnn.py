@@ -17,7 +17,7 @@ from torch.nn.utils.rnn import PackedSequence
 from .functional import State, lstm_step, rnn_step
 from .init import WEIGHT_INITS, init_direction
 from .norm import StepBatchNorm
-from .packing import SortedBatch, prepare_input, reverse_padded
+from .packing import SortedBatch, prepare_input, reverse_padded, unpadded
 from .placement import build_norms, check_placement, needs_batch_of_two
 from .reference import DirectionParams, StepFn, reference_direction
 
@@ -278,7 +278,7 @@ class _BNRNNBase(nn.Module):
             )
         init = self._initial_states(hx, batch, x)
         D = 2 if self.bidirectional else 1
-        unpadded = all(n == x.shape[1] for n in batch.batch_sizes)
+        full = unpadded(batch.batch_sizes, x.shape[1])
         step = self._step_fn()
         finals: list[list[Tensor]] = [[] for _ in init]
         layer_input = x
@@ -300,7 +300,7 @@ class _BNRNNBase(nn.Module):
                             "statistics or a custom step); use impl='auto' or 'reference'"
                         )
                 args = (batch.batch_sizes, state, params, step, time_offset)
-                if d == 1 and run is not reference_direction and unpadded:
+                if d == 1 and run is not reference_direction and full:
                     out, state = run(layer_input, *args, reverse=True)  # walks time backwards
                 elif d == 1:
                     out, state = run(reverse_padded(layer_input, batch.lengths), *args)

@@ -33,6 +33,7 @@ from torch.autograd.function import once_differentiable
 
 from ..functional import State, lstm_step, rnn_step
 from ..norm import StepBatchNorm
+from ..packing import unpadded
 from ..reference import DirectionParams
 from . import loops
 from .loops import LSTM, RNN_RELU, RNN_TANH, Buffers, Plan
@@ -236,7 +237,7 @@ def fast_direction(
         and not plan.ih_seq
     )
     if reverse:
-        if not _unpadded(plan.sizes, x.shape[1]):
+        if not unpadded(plan.sizes, x.shape[1]):
             raise ValueError("reverse=True needs a batch with no padding")
         # The compiled loops walk x and the output backwards themselves without a backward
         # (saves the two flips: ~6% of a bidirectional evaluation); otherwise flip.
@@ -515,11 +516,6 @@ class _Placer:
         return buf[shift : shift + n].view(shape)
 
 
-def _unpadded(sizes: list[int], N: int) -> bool:
-    """Every one of the N sequences is present at every step (no padding)."""
-    return all(n == N for n in sizes)
-
-
 def _lengths(sizes: list[int], N: int) -> list[int]:
     """Length of each of the N sorted sequences from the batch sizes."""
     present = torch.tensor(sizes)[:, None] > torch.arange(N)[None, :]  # (T, N)
@@ -616,7 +612,7 @@ class _FastDirection(torch.autograd.Function):
         # The backward runs in chunks of K steps: the gradients of W_ih x and W_hh h of a
         # chunk go into the weight gradients as one GEMM each, so only K steps of them are
         # held. Sequence-wise statistics need all steps first (one chunk).
-        chunks = CHUNKS if _unpadded(plan.sizes, N) else CHUNKS_RAGGED
+        chunks = CHUNKS if unpadded(plan.sizes, N) else CHUNKS_RAGGED
         K = T if plan.ih_seq else min(T, max(MIN_CHUNK, -(-T // chunks)))
         # (one step when the inline projection needs it for nothing else: its dW_ih is
         # accumulated inside the loop, dx is one GEMM over the chunk)

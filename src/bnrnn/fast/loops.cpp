@@ -505,6 +505,25 @@ inline int64_t n_blocks(int64_t macs) {
 // block wrote at step i), and MKL limited to the calling thread (a single block too: MKL's
 // threads cost more than they save on a GEMM this small). One region instead of a fork and
 // join per step. If the region has fewer threads than blocks, a thread runs several.
+// The first exception thrown by work run in a parallel region, rethrown after it: an
+// exception may not leave an OpenMP region, and after one the other work is skipped.
+struct FirstError {
+  std::exception_ptr error;
+  std::atomic<bool> failed{false};
+  template <typename F> void run(const F& work) {
+    if (failed.load(std::memory_order_relaxed)) return;
+    try {
+      work();
+    } catch (...) {
+#pragma omp critical(bnrnn_fast_error)
+      if (!failed.exchange(true)) error = std::current_exception();
+    }
+  }
+  void rethrow() const {
+    if (error) std::rethrow_exception(error);
+  }
+};
+
 template <typename F> void for_steps(const Blocks& bl, int64_t steps, const F& step) {
   const int64_t nb = bl.size();
   if (nb == 1 || at::get_num_threads() == 1 || at::in_parallel_region()) {
@@ -513,26 +532,20 @@ template <typename F> void for_steps(const Blocks& bl, int64_t steps, const F& s
       for (int64_t p = 0; p < nb; ++p) step(i, p);
     return;
   }
-  std::exception_ptr error;
-  std::atomic<bool> failed{false};
+  FirstError first;
 #pragma omp parallel num_threads(nb)
   {
     MklOneThread one;
     const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
     for (int64_t i = 0; i < steps; ++i) {
       // an exception stops the work, not the barriers (every thread must reach them)
-      if (!failed.load(std::memory_order_relaxed)) {
-        try {
-          for (int64_t p = tid; p < nb; p += nth) step(i, p);
-        } catch (...) {
-#pragma omp critical(bnrnn_fast_error)
-          if (!failed.exchange(true)) error = std::current_exception();
-        }
-      }
+      first.run([&] {
+        for (int64_t p = tid; p < nb; p += nth) step(i, p);
+      });
 #pragma omp barrier
     }
   }
-  if (error) std::rethrow_exception(error);
+  first.rethrow();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -955,13 +968,13 @@ bool forward_rows(Ctx& x, int64_t t0, int64_t t1) {
   BlockGemm gh(x.at_(WHT), H, G / H, bl, (N + nth - 1) / nth);
   c10::optional<BlockGemm> gi;
   if (x.step_ih) gi.emplace(x.at_(W_IHT), H, G / H, bl, (N + nth - 1) / nth);
-  std::exception_ptr error;
+  FirstError first;
 #pragma omp parallel num_threads(nth)
   {
     MklOneThread one;
     const int64_t tid = omp_get_thread_num(), k = omp_get_num_threads();
     const int64_t r0 = N * tid / k, r1 = N * (tid + 1) / k;
-    try {
+    first.run([&] {
       for (int64_t t = t0; t < t1 && r1 > r0; ++t) {
         const int64_t m = std::clamp<int64_t>(x.sizes[t] - r0, 0, r1 - r0);
         const T* h_prev = t == 0 ? x.ptr<T>(H0) : x.ptr<T>(OUT) + x.row(t - 1) * N * H;
@@ -970,12 +983,9 @@ bool forward_rows(Ctx& x, int64_t t0, int64_t t1) {
         if (gi) gi->run<T>(0, x.ptr<T>(X_IN) + (x.row(t) * N + r0) * x.I, x.ptr<T>(WX) + r0 * G, m);
         forward_block<T>(x, t, x.sizes[t], 0, H, r0, r1);
       }
-    } catch (...) {
-#pragma omp critical(bnrnn_fast_error)
-      if (!error) error = std::current_exception();
-    }
+    });
   }
-  if (error) std::rethrow_exception(error);
+  first.rethrow();
   return true;
 }
 
