@@ -112,21 +112,38 @@ __attribute__((noinline)) void affine_act_row(T* __restrict__ o, const T* __rest
 // One row of an LSTM step in evaluation, w units, every BN an affine map per feature: gate
 // k's pre-activation is wh[k H + j] * co[k] + wx[k H + j] * co[4 + k] + co[8 + k], and
 // BN(c) is c * co[12] + co[13] (co: 14 arrays of CHUNK). c is updated in place (c_{t-1} in,
-// c_t out) and h = o * tanh(BN(c_t)) written: one pass, nothing kept for a backward.
+// c_t out) and h = o * tanh(BN(c_t)) written; nothing is kept for a backward. In passes
+// over tmp (4 CHUNK): the pre-activations, each gate's activation by the row kernels, then
+// c and h. Against one fused pass per unit (five activations in one loop body), paired with
+// nn.LSTM in one process: evaluation 2-3% faster at mid and char-PTB, 7% at sMNIST.
 template <typename T>
 __attribute__((noinline)) void lstm_affine_row(int64_t w, int64_t H, const T* __restrict__ wh,
                                                const T* __restrict__ wx, const T* __restrict__ co,
-                                               T* __restrict__ c, T* __restrict__ h) {
+                                               T* __restrict__ c, T* __restrict__ h,
+                                               T* __restrict__ tmp) {
   constexpr int64_t S = CHUNK;
-  for (int64_t j = 0; j < w; ++j) {
-    const T pi = wh[j] * co[j] + wx[j] * co[4 * S + j] + co[8 * S + j];
-    const T pf = wh[H + j] * co[S + j] + wx[H + j] * co[5 * S + j] + co[9 * S + j];
-    const T pg = wh[2 * H + j] * co[2 * S + j] + wx[2 * H + j] * co[6 * S + j] + co[10 * S + j];
-    const T po = wh[3 * H + j] * co[3 * S + j] + wx[3 * H + j] * co[7 * S + j] + co[11 * S + j];
-    const T cn = sigm<T>(pf) * c[j] + sigm<T>(pi) * th<T>(pg);
-    c[j] = cn;
-    h[j] = sigm<T>(po) * th<T>(cn * co[12 * S + j] + co[13 * S + j]);
+  for (int64_t k = 0; k < 4; ++k) {
+    const T* a = wh + k * H;
+    const T* b = wx + k * H;
+    const T* A = co + k * S;
+    const T* B = co + (4 + k) * S;
+    const T* C0 = co + (8 + k) * S;
+    T* o = tmp + k * S;
+    for (int64_t j = 0; j < w; ++j) o[j] = a[j] * A[j] + b[j] * B[j] + C0[j];
   }
+  sigmoid_row<T>(tmp, w);
+  sigmoid_row<T>(tmp + S, w);
+  tanh_row<T>(tmp + 2 * S, w);
+  sigmoid_row<T>(tmp + 3 * S, w);
+  const T* Ac = co + 12 * S;
+  const T* Bc = co + 13 * S;
+  T* u = tmp + 2 * S;  // tanh(g), then BN(c_t)
+  for (int64_t j = 0; j < w; ++j) {
+    const T cn = tmp[S + j] * c[j] + tmp[j] * u[j];
+    c[j] = cn;
+    u[j] = cn * Ac[j] + Bc[j];
+  }
+  tanh_mul_row<T>(u, h, tmp + 3 * S, w);
 }
 
 // One row of a gate's pre-activation with given BN statistics (training, or batch
@@ -760,8 +777,8 @@ void forward_block(Ctx& x, int64_t t, int64_t n_all, int64_t j0, int64_t j1, int
   const bool affine_c = !x.save && !x.c.batch_at(t);
   for (int64_t ja = j0; ja < j1; ja += CHUNK) {
     const int64_t w = std::min(CHUNK, j1 - ja);
-    if (affine && affine_c && x.kind == LSTM) {  // evaluation: one fused pass per row
-      T co[14 * CHUNK];
+    if (affine && affine_c && x.kind == LSTM) {  // evaluation: lstm_affine_row per row
+      alignas(64) T co[18 * CHUNK];  // 14 arrays of coefficients, then lstm_affine_row's 4
       for (int64_t k = 0; k < 4; ++k) {
         const int64_t col = k * H + ja;
         if (x.inline_ih) project(x, t, n, col, w, wx + col, r0);
@@ -788,7 +805,7 @@ void forward_block(Ctx& x, int64_t t, int64_t n_all, int64_t j0, int64_t j1, int
       T* c = x.ptr<T>(C) + r0 * H;  // one step, c_{t-1} in and c_t out
       for (int64_t r = 0; r < n; ++r)
         lstm_affine_row<T>(w, H, wh + r * G + ja, wx + r * G + ja, co, c + r * H + ja,
-                           out + r * H + ja);
+                           out + r * H + ja, co + 14 * CHUNK);
       for (int64_t r = n; r < Nr; ++r) std::memset(out + r * H + ja, 0, w * sizeof(T));
       continue;
     }
