@@ -517,11 +517,6 @@ inline int64_t n_blocks(int64_t macs) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), macs / g_block_macs));
 }
 
-// Runs step(i, p) for i < steps and every block p: the blocks on their own threads in one
-// parallel region for all steps, with a barrier after each step (step i + 1 reads what every
-// block wrote at step i), and MKL limited to the calling thread (a single block too: MKL's
-// threads cost more than they save on a GEMM this small). One region instead of a fork and
-// join per step. If the region has fewer threads than blocks, a thread runs several.
 // The first exception thrown by work run in a parallel region, rethrown after it: an
 // exception may not leave an OpenMP region, and after one the other work is skipped.
 struct FirstError {
@@ -541,6 +536,11 @@ struct FirstError {
   }
 };
 
+// Runs step(i, p) for i < steps and every block p: the blocks on their own threads in one
+// parallel region for all steps, with a barrier after each step (step i + 1 reads what every
+// block wrote at step i), and MKL limited to the calling thread (a single block too: MKL's
+// threads cost more than they save on a GEMM this small). One region instead of a fork and
+// join per step. If the region has fewer threads than blocks, a thread runs several.
 template <typename F> void for_steps(const Blocks& bl, int64_t steps, const F& step) {
   const int64_t nb = bl.size();
   if (nb == 1 || at::get_num_threads() == 1 || at::in_parallel_region()) {
