@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checks import check_layer_args
 from .functional import StepNorms, lstm_step, rnn_step
 from .init import WEIGHT_INITS, init_direction
 from .norm import StepBatchNorm
@@ -37,6 +38,7 @@ class _BNCellBase(nn.Module):
     ) -> None:
         super().__init__()
         check_placement(norm, "frame", max_length)
+        check_layer_args(input_size, hidden_size, eps, momentum, gamma_init, forget_bias)
         if weight_init not in WEIGHT_INITS:
             raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got {weight_init!r}")
         factory: dict[str, Any] = {"device": device, "dtype": dtype}

@@ -17,12 +17,13 @@ the first `batch_sizes[t]` rows (as in `torch.nn.utils.rnn.PackedSequence`).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from .checks import finite, momentum_value, positive_eps, positive_int, warn_user
 
 
 class StepBatchNorm(nn.Module):
@@ -63,8 +64,11 @@ class StepBatchNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if max_length < 1:
-            raise ValueError(f"max_length must be a positive integer, got {max_length}")
+        num_features = positive_int("num_features", num_features)
+        max_length = positive_int("max_length", max_length)
+        eps = positive_eps(eps)
+        momentum = momentum_value(momentum)
+        gamma_init = finite("gamma_init", gamma_init)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.max_length = max_length
@@ -235,11 +239,10 @@ class StepBatchNorm(nn.Module):
         steps = steps.to(self.running_mean.device)
         inside = steps < self.max_length
         if not bool(inside.all()) and not self._warned_beyond:
-            warnings.warn(
-                f"training on step {int(steps.max())} beyond max_length={self.max_length}: "
-                "batch statistics are used there and not tracked; raise max_length to keep "
-                "population statistics for these steps",
-                stacklevel=3,
+            warn_user(
+                f"training on step {int(steps[~inside].min())} (and any later step) beyond "
+                f"max_length={self.max_length}: batch statistics are used there and not "
+                "tracked; raise max_length to keep population statistics for these steps"
             )
             self._warned_beyond = True
         if not bool(inside.any()):
