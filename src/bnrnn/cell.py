@@ -151,7 +151,7 @@ class BNLSTMCell(_BNCellBase):
     ``forward(input (N, I), hx=(h, c) each (N, H), t=0) -> (h', c')``. Parameters as
     `torch.nn.LSTMCell` (``weight_ih`` (4H, I), ``weight_hh`` (4H, H), ``bias_ih``,
     ``bias_hh`` (4H,)); BN modules ``bn_ih``, ``bn_hh``, ``bn_c``, ``bn_pre`` as in `BNLSTM`.
-    Step ``t`` selects the row of population statistics (the last row beyond max_length).
+    Step ``t`` selects the row of population statistics (`StepBatchNorm.population_row`).
     """
 
     _gates = 4
