@@ -215,3 +215,64 @@ def test_update_population_stats_rows_it_never_saw_are_not_read(impl):
     x = torch.randn(8, 2, 3, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(m(x)[0], with_rows_filled(m).eval()(x)[0])
+
+
+# -- update_population_stats: all or nothing -------------------------------------------------
+
+
+def _snapshot(model):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [(n, m.training) for n, m in model.named_modules()],
+        [(m.momentum, m.collecting) for m in model.modules() if isinstance(m, bnrnn.StepBatchNorm)],
+    )
+
+
+def _assert_unchanged(model, snapshot):
+    state, modes, norms = _snapshot(model)
+    assert state.keys() == snapshot[0].keys()
+    for k, v in snapshot[0].items():
+        assert torch.equal(state[k], v), k
+    assert modes == snapshot[1] and norms == snapshot[2]
+
+
+def _trained_net():
+    """A trained two-layer net, training mode, with one submodule left in eval mode."""
+    torch.manual_seed(10)
+    net = torch.nn.Sequential()
+    net.rnn = bnrnn.BNLSTM(3, 4, num_layers=2, max_length=6, momentum=0.3)
+    net.rnn(torch.randn(6, 4, 3))
+    net.rnn.bn_c_l1.eval()
+    return net
+
+
+@pytest.mark.parametrize("source", ["list", "generator"])
+def test_update_population_stats_refuses_an_empty_source(source):
+    net = _trained_net()
+    before = _snapshot(net)
+    if source == "list":
+        batches = []
+    else:
+        batches = (x for x in [torch.randn(6, 4, 3)])
+        bnrnn.update_population_stats(net, batches)  # consumes it
+        before = _snapshot(net)
+    with pytest.raises(ValueError, match="batches yielded no batch"):
+        bnrnn.update_population_stats(net, batches)
+    _assert_unchanged(net, before)
+
+
+@pytest.mark.parametrize("failure", [ValueError, KeyboardInterrupt])
+def test_update_population_stats_leaves_the_model_as_it_was_if_a_batch_raises(failure):
+    """A batch of one sequence (the layer's ValueError) or Ctrl-C after one batch."""
+    net = _trained_net()
+    before = _snapshot(net)
+
+    def forward(model, batch):
+        if batch is None:
+            raise KeyboardInterrupt
+        model(batch)
+
+    bad = torch.randn(6, 1, 3) if failure is ValueError else None
+    with pytest.raises(failure):
+        bnrnn.update_population_stats(net, [torch.randn(6, 4, 3), bad], forward)
+    _assert_unchanged(net, before)
