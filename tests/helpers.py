@@ -94,3 +94,17 @@ def all_grads(module, *inputs) -> dict[str, Tensor]:
     for k, t in enumerate(inputs):
         out[f"input{k}"] = t.grad.clone()
     return out
+
+
+def eval_outputs(modules: dict, x: Tensor) -> dict[str, Tensor]:
+    """The evaluation output of each module of a dict (keyed by class name: BNLSTM, BNRNN,
+    BNLSTMCell, BNRNNCell, StepBatchNorm) on x (T, N, I), without gradients."""
+    run = {
+        "BNLSTM": lambda m: m(x)[0],
+        "BNRNN": lambda m: m(x)[0],
+        "BNLSTMCell": lambda m: m(x[0], t=2)[0],
+        "BNRNNCell": lambda m: m(x[0], t=2),
+        "StepBatchNorm": lambda m: m.frames(x, [x.shape[1]] * x.shape[0]),
+    }
+    with torch.no_grad():
+        return {name: run[type(m).__name__](m.eval()) for name, m in modules.items()}

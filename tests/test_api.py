@@ -2,12 +2,16 @@
 
 import copy
 import io
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import bnrnn
+from helpers import eval_outputs
 
 
 def test_constructor_argument_order_matches_nn_lstm():
@@ -307,6 +311,62 @@ def test_sizes_must_be_positive_integers(name):
 def test_eps_momentum_and_gamma_init_are_checked(name, arg, value, pattern):
     with pytest.raises(ValueError, match=pattern):
         MODULES[name](**{arg: value})
+
+
+# -- whole-model pickles --------------------------------------------------------------------
+
+_LOAD_IN_A_FRESH_PROCESS = """
+import sys
+import torch
+import bnrnn  # what a script using the model imports anyway; no class is listed by hand
+sys.path.insert(0, sys.argv[2])
+from helpers import eval_outputs
+saved = torch.load(sys.argv[1], weights_only=True)
+got = eval_outputs(saved["modules"], saved["x"])
+for name, want in saved["want"].items():
+    torch.testing.assert_close(got[name], want, msg=name)
+print("equal:", *sorted(got))
+"""
+
+
+@pytest.mark.skipif(
+    not hasattr(torch.serialization, "add_safe_globals"),
+    reason="torch < 2.4 has no weights-only allowlist (whole models need weights_only=False)",
+)
+def test_whole_model_pickle_loads_with_weights_only_in_a_fresh_process(tmp_path):
+    """Every public module class, trained (statistics, a beyond-max_length warning given),
+    saved whole with torch.save and loaded by torch.load's default weights_only=True."""
+    torch.manual_seed(11)
+    modules = {
+        "BNLSTM": bnrnn.BNLSTM(
+            3, 4, num_layers=2, bidirectional=True, learn_init=True, input_stats="sequence"
+        ),
+        "BNRNN": bnrnn.BNRNN(
+            3, 4, nonlinearity="relu", norm="preactivation", max_length=4, sync_stats=True
+        ),
+        "BNLSTMCell": bnrnn.BNLSTMCell(3, 4, weight_init="orthogonal"),
+        "BNRNNCell": bnrnn.BNRNNCell(3, 4, norm="input", momentum=None),
+        "StepBatchNorm": bnrnn.StepBatchNorm(3, max_length=5, shift=True),
+    }
+    x = torch.randn(6, 5, 3)
+    with pytest.warns(UserWarning, match="beyond max_length=4"):
+        modules["BNRNN"](x)
+    modules["BNLSTM"](x)
+    modules["BNLSTMCell"](x[0], t=1)
+    modules["BNRNNCell"](x[0], t=2)
+    modules["StepBatchNorm"].frames(x[:3], [5] * 3)
+    want = eval_outputs(modules, x)
+    path = tmp_path / "model.pt"
+    torch.save({"modules": modules, "x": x, "want": want}, path)
+    tests = str(Path(__file__).parent)
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD_IN_A_FRESH_PROCESS, str(path), tests],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["equal:", *sorted(modules)]
 
 
 # -- warnings name the caller's line ---------------------------------------------------------
