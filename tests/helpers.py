@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor
 
@@ -23,11 +25,34 @@ def manual_bn(
     return out if beta is None else out + beta
 
 
+def _last_tracked(bn) -> int:
+    """The last row of a StepBatchNorm with a nonzero count (max_length - 1 if none)."""
+    tracked = [k for k, n in enumerate(bn.num_batches_tracked.tolist()) if n > 0]
+    return tracked[-1] if tracked else bn.max_length - 1
+
+
+def with_rows_filled(model):
+    """A copy of ``model`` whose BN rows past each module's last tracked row hold that
+    row's statistics, written out and counted as tracked: what evaluation of ``model``
+    must compute if rows never trained are never read."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for bn in model.modules():
+            if hasattr(bn, "num_batches_tracked"):
+                last = _last_tracked(bn)
+                bn.running_mean[last + 1 :] = bn.running_mean[last]
+                bn.running_var[last + 1 :] = bn.running_var[last]
+                bn.num_batches_tracked.clamp_(min=1)
+    return model
+
+
 def manual_bnlstm(model, x: Tensor, train: bool) -> tuple[Tensor, Tensor, Tensor]:
     """One-layer, one-direction BNLSTM over a full-length batch x (T, N, I), by hand.
 
     Cooijmans eq. 6-8 / Laurent eq. 17-18, gates (i, f, g, o). In eval mode the population
-    statistics of row min(t, max_length - 1) are used.
+    statistics of row min(t, last) are used, last being the last row with a nonzero
+    num_batches_tracked (max_length - 1 if there is none): steps past the longest sequence
+    trained on reuse its last step's row (Cooijmans §3).
     """
     W_ih, W_hh = model.weight_ih_l0, model.weight_hh_l0
     b = model.bias_ih_l0 + model.bias_hh_l0
@@ -41,7 +66,7 @@ def manual_bnlstm(model, x: Tensor, train: bool) -> tuple[Tensor, Tensor, Tensor
         m = getattr(model, f"bn_{name}_l0")
         if train:
             return manual_bn(z, m.weight, m.bias, m.eps)
-        row = min(t, m.max_length - 1)
+        row = min(t, _last_tracked(m))
         return manual_bn(z, m.weight, m.bias, m.eps, m.running_mean[row], m.running_var[row])
 
     for t in range(T):
@@ -69,3 +94,17 @@ def all_grads(module, *inputs) -> dict[str, Tensor]:
     for k, t in enumerate(inputs):
         out[f"input{k}"] = t.grad.clone()
     return out
+
+
+def eval_outputs(modules: dict, x: Tensor) -> dict[str, Tensor]:
+    """The evaluation output of each module of a dict (keyed by class name: BNLSTM, BNRNN,
+    BNLSTMCell, BNRNNCell, StepBatchNorm) on x (T, N, I), without gradients."""
+    run = {
+        "BNLSTM": lambda m: m(x)[0],
+        "BNRNN": lambda m: m(x)[0],
+        "BNLSTMCell": lambda m: m(x[0], t=2)[0],
+        "BNRNNCell": lambda m: m(x[0], t=2),
+        "StepBatchNorm": lambda m: m.frames(x, [x.shape[1]] * x.shape[0]),
+    }
+    with torch.no_grad():
+        return {name: run[type(m).__name__](m.eval()) for name, m in modules.items()}

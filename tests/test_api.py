@@ -2,12 +2,16 @@
 
 import copy
 import io
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import bnrnn
+from helpers import eval_outputs
 
 
 def test_constructor_argument_order_matches_nn_lstm():
@@ -262,3 +266,148 @@ def test_cell_errors():
         cell(torch.randn(2, 3), (torch.zeros(3, 4), torch.zeros(2, 4)))
     with pytest.raises(ValueError, match="Expected more than 1 sequence"):
         cell(torch.randn(1, 3))
+
+
+# -- sizes and numbers checked by every module ----------------------------------------------
+
+MODULES = {
+    "BNLSTM": lambda **kw: bnrnn.BNLSTM(**{"input_size": 3, "hidden_size": 4, **kw}),
+    "BNRNN": lambda **kw: bnrnn.BNRNN(**{"input_size": 3, "hidden_size": 4, **kw}),
+    "BNLSTMCell": lambda **kw: bnrnn.BNLSTMCell(**{"input_size": 3, "hidden_size": 4, **kw}),
+    "BNRNNCell": lambda **kw: bnrnn.BNRNNCell(**{"input_size": 3, "hidden_size": 4, **kw}),
+    "StepBatchNorm": lambda **kw: bnrnn.StepBatchNorm(**{"num_features": 3, "max_length": 5, **kw}),
+}
+SIZES = {
+    "BNLSTM": ["input_size", "hidden_size", "num_layers", "max_length"],
+    "BNRNN": ["input_size", "hidden_size", "num_layers", "max_length"],
+    "BNLSTMCell": ["input_size", "hidden_size", "max_length"],
+    "BNRNNCell": ["input_size", "hidden_size", "max_length"],
+    "StepBatchNorm": ["num_features", "max_length"],
+}
+BAD_NUMBERS = [
+    ("eps", 0.0, "eps must be a positive number, got 0.0"),
+    ("eps", -1e-5, "eps must be a positive number"),
+    ("eps", float("inf"), "eps must be a finite number, got inf"),
+    ("eps", float("nan"), "eps must be a finite number, got nan"),
+    ("momentum", 1.5, r"momentum must be a number in \[0, 1\] or None, got 1.5"),
+    ("momentum", float("nan"), "momentum must be a number in"),
+    ("momentum", True, "momentum must be a number in"),
+    ("gamma_init", float("nan"), "gamma_init must be a finite number, got nan"),
+    ("gamma_init", float("-inf"), "gamma_init must be a finite number"),
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_sizes_must_be_positive_integers(name):
+    make = MODULES[name]
+    for arg in SIZES[name]:
+        for bad in (0, -1, 3.5, True, "3", None):
+            with pytest.raises(ValueError, match=rf"{arg} must be a positive integer, got "):
+                make(**{arg: bad})
+
+
+@pytest.mark.parametrize("arg,value,pattern", BAD_NUMBERS)
+@pytest.mark.parametrize("name", MODULES)
+def test_eps_momentum_and_gamma_init_are_checked(name, arg, value, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        MODULES[name](**{arg: value})
+
+
+# -- whole-model pickles --------------------------------------------------------------------
+
+_LOAD_IN_A_FRESH_PROCESS = """
+import sys
+import torch
+import bnrnn  # what a script using the model imports anyway; no class is listed by hand
+sys.path.insert(0, sys.argv[2])
+from helpers import eval_outputs
+saved = torch.load(sys.argv[1], weights_only=True)
+got = eval_outputs(saved["modules"], saved["x"])
+for name, want in saved["want"].items():
+    torch.testing.assert_close(got[name], want, msg=name)
+print("equal:", *sorted(got))
+"""
+
+
+@pytest.mark.skipif(
+    not hasattr(torch.serialization, "add_safe_globals"),
+    reason="torch < 2.4 has no weights-only allowlist (whole models need weights_only=False)",
+)
+def test_whole_model_pickle_loads_with_weights_only_in_a_fresh_process(tmp_path):
+    """Every public module class, trained (statistics, a beyond-max_length warning given),
+    saved whole with torch.save and loaded by torch.load's default weights_only=True."""
+    torch.manual_seed(11)
+    modules = {
+        "BNLSTM": bnrnn.BNLSTM(
+            3, 4, num_layers=2, bidirectional=True, learn_init=True, input_stats="sequence"
+        ),
+        "BNRNN": bnrnn.BNRNN(
+            3, 4, nonlinearity="relu", norm="preactivation", max_length=4, sync_stats=True
+        ),
+        "BNLSTMCell": bnrnn.BNLSTMCell(3, 4, weight_init="orthogonal"),
+        "BNRNNCell": bnrnn.BNRNNCell(3, 4, norm="input", momentum=None),
+        "StepBatchNorm": bnrnn.StepBatchNorm(3, max_length=5, shift=True),
+    }
+    x = torch.randn(6, 5, 3)
+    with pytest.warns(UserWarning, match="beyond max_length=4"):
+        modules["BNRNN"](x)
+    modules["BNLSTM"](x)
+    modules["BNLSTMCell"](x[0], t=1)
+    modules["BNRNNCell"](x[0], t=2)
+    modules["StepBatchNorm"].frames(x[:3], [5] * 3)
+    want = eval_outputs(modules, x)
+    path = tmp_path / "model.pt"
+    torch.save({"modules": modules, "x": x, "want": want}, path)
+    tests = str(Path(__file__).parent)
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD_IN_A_FRESH_PROCESS, str(path), tests],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["equal:", *sorted(modules)]
+
+
+# -- warnings name the caller's line ---------------------------------------------------------
+
+
+class _Net(torch.nn.Module):
+    """A user's model: the warnings of the layer inside must name this file."""
+
+    def __init__(self, impl):
+        super().__init__()
+        self.rnn = bnrnn.BNLSTM(2, 3, max_length=3, impl=impl)
+
+    def forward(self, x):
+        return self.rnn(x)[0]
+
+
+@pytest.mark.parametrize("cls", [bnrnn.BNLSTM, bnrnn.BNRNN])
+def test_dropout_warning_names_the_callers_line(cls):
+    with pytest.warns(UserWarning, match="no effect") as record:
+        cls(3, 4, dropout=0.5)
+    assert [w.filename for w in record] == [__file__]
+
+
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_beyond_max_length_warning_names_the_callers_line_and_first_step(impl):
+    x = torch.randn(7, 4, 2)
+    calls = {  # what: (the call, the first step past max_length, which is not the last)
+        "layer": (lambda: bnrnn.BNLSTM(2, 3, max_length=3, impl=impl)(x), 3),
+        "user's model": (lambda: _Net(impl)(x), 3),
+        "time_offset": (
+            lambda: bnrnn.BNLSTM(2, 3, max_length=4, impl=impl)(x[:4], time_offset=2),
+            4,
+        ),
+        "cell": (lambda: bnrnn.BNLSTMCell(2, 3, max_length=3)(x[0], t=3), 3),
+        "update_population_stats": (
+            lambda: bnrnn.update_population_stats(bnrnn.BNRNN(2, 3, max_length=3, impl=impl), [x]),
+            3,
+        ),
+    }
+    for what, (call, first) in calls.items():
+        with pytest.warns(UserWarning, match="beyond max_length") as record:
+            call()
+        assert {w.filename for w in record} == {__file__}, what
+        assert all(f"training on step {first} " in str(w.message) for w in record), what

@@ -38,7 +38,9 @@ def test_eval_mode_uses_population_rows(norm):
     for _ in range(3):  # give the population statistics non-trivial values
         m(torch.randn(4, 5, 3, dtype=torch.float64) * 2 + 1)
     m.eval()
-    x = torch.randn(8, 5, 3, dtype=torch.float64)  # 8 > max_length=5: rows 5..7 reuse row 4
+    # trained on 4 steps: steps 4..7 (row 4 never trained, 5..7 beyond max_length=5) reuse
+    # row 3, the last one trained
+    x = torch.randn(8, 5, 3, dtype=torch.float64)
     out, (h, c) = m(x)
     want, h_want, c_want = manual_bnlstm(m, x, train=False)
     torch.testing.assert_close(out, want)

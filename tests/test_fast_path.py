@@ -19,6 +19,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import bnrnn
 from bnrnn import fast
+from helpers import with_rows_filled
 
 # "compiled-blocks": the compiled loops with every step split by hidden units over two
 # threads (blocks of 16 units, the last one partial), as large layers run, and evaluation
@@ -261,6 +262,68 @@ def test_evaluation_reads_population_rows_in_place(backend, norm, input_stats, m
     seen.clear()
     fused(torch.randn(5, 6, 3))
     assert not any(seen)
+
+
+@pytest.mark.parametrize("norm,input_stats", PLACEMENTS)
+def test_rows_past_the_last_tracked_row_are_never_read(backend, norm, input_stats, monkeypatch):
+    """Trained on 4 steps of max_length=10 (rows 4..9 hold other values, never tracked):
+    evaluation (no grad: in place up to step 3, copied past it; with grad), a degenerate
+    training step and collecting by update_population_stats read the last tracked row for
+    every step past it, per module, like a model whose rows are filled with it."""
+    ref, fused = _pair(
+        bnrnn.BNLSTM,
+        torch.float64,
+        norm=norm,
+        input_stats=input_stats,
+        bidirectional=True,
+        max_length=10,
+        momentum=0.5,
+    )
+    first = torch.randn(4, 6, 3, dtype=torch.float64)
+    for m in (ref, fused):
+        m.train()
+        m(first)
+    seen: list[bool] = []
+    original = fast.direction._population_rows
+    monkeypatch.setattr(
+        fast.direction, "_population_rows", lambda *a: seen.append(original(*a)) or seen[-1]
+    )
+    x = torch.randn(8, 6, 3, dtype=torch.float64)
+    for T, offset, grad, in_place in (
+        (4, 0, False, True),
+        (8, 0, False, False),
+        (3, 2, True, False),
+    ):
+        filled = with_rows_filled(ref)
+        results = []
+        for m in (ref, fused, filled):
+            m.eval()
+            with torch.set_grad_enabled(grad):
+                out, (h, c) = m(x[:T], time_offset=offset)
+            results.append([t.detach() for t in (out, h, c)])
+        if norm is not None and (norm, input_stats) != ("input", "sequence"):
+            assert any(seen) == in_place, (T, offset, seen)
+        seen.clear()
+        for got, what in ((results[1], "fused"), (results[2], "filled")):
+            for a, b, name in zip(results[0], got, ("output", "h", "c")):
+                _assert_close(a, b, torch.float64, f"{what} {name} T={T} offset={offset}")
+    # Degenerate steps (one sequence present) in training: steps 4 and 5 read row 3.
+    filled = with_rows_filled(ref)
+    lengths = [6, 2, 2, 2]
+    r = [_run(m, x[:6, :4], True, lengths) for m in (ref, fused, filled)]
+    _compare(r[0], r[1], torch.float64)
+    _assert_close(r[0][0], r[2][0], torch.float64, "training output against filled rows")
+    # Collecting over batches of 5 steps, the last two degenerate: rows 3.. never collected.
+    batches = [(x[:5, :4].clone() * (k + 1), [5, 3, 3, 3]) for k in range(2)]
+    for m in (ref, fused):
+        bnrnn.update_population_stats(m, batches, lambda m, b: m(b[0], lengths=b[1]))
+    for (name, a), b in zip(ref.named_buffers(), fused.buffers()):
+        _assert_close(a, b, torch.float64, name)
+    filled = with_rows_filled(ref)
+    with torch.no_grad():
+        want = filled.eval()(x)[0]
+        for m in (ref, fused):
+            _assert_close(want, m.eval()(x)[0], torch.float64, f"after collecting, {m.impl}")
 
 
 @pytest.mark.parametrize("norm,input_stats", PLACEMENTS)

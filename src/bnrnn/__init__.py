@@ -4,6 +4,8 @@ Cooijmans et al. (2017), "Recurrent Batch Normalization", and Laurent et al. (20
 "Batch Normalized Recurrent Neural Networks". The library core depends on torch only.
 """
 
+from torch import serialization as _serialization
+
 from .cell import BNLSTMCell, BNRNNCell
 from .functional import StepNorms, lstm_step, rnn_step
 from .norm import StepBatchNorm
@@ -23,3 +25,9 @@ __all__ = [
     "update_population_stats",
 ]
 __version__ = "0.1.0"
+
+# `torch.load` reads with weights_only=True by default: a whole model saved with
+# `torch.save(model)` that holds these modules then loads without the user listing them
+# (torch < 2.4 has no allowlist and loads whole models with weights_only=False only).
+if hasattr(_serialization, "add_safe_globals"):
+    _serialization.add_safe_globals([BNLSTM, BNRNN, BNLSTMCell, BNRNNCell, StepBatchNorm])

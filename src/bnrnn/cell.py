@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checks import check_layer_args
 from .functional import StepNorms, lstm_step, rnn_step
 from .init import WEIGHT_INITS, init_direction
 from .norm import StepBatchNorm
@@ -37,6 +38,7 @@ class _BNCellBase(nn.Module):
     ) -> None:
         super().__init__()
         check_placement(norm, "frame", max_length)
+        check_layer_args(input_size, hidden_size, eps, momentum, gamma_init, forget_bias)
         if weight_init not in WEIGHT_INITS:
             raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got {weight_init!r}")
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
@@ -149,7 +151,7 @@ class BNLSTMCell(_BNCellBase):
     ``forward(input (N, I), hx=(h, c) each (N, H), t=0) -> (h', c')``. Parameters as
     `torch.nn.LSTMCell` (``weight_ih`` (4H, I), ``weight_hh`` (4H, H), ``bias_ih``,
     ``bias_hh`` (4H,)); BN modules ``bn_ih``, ``bn_hh``, ``bn_c``, ``bn_pre`` as in `BNLSTM`.
-    Step ``t`` selects the row of population statistics (the last row beyond max_length).
+    Step ``t`` selects the row of population statistics (`StepBatchNorm.population_row`).
     """
 
     _gates = 4

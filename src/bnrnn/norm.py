@@ -17,12 +17,16 @@ the first `batch_sizes[t]` rows (as in `torch.nn.utils.rnn.PackedSequence`).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from .checks import finite, momentum_value, positive_eps, positive_int, warn_user
+
+T_steps = TypeVar("T_steps", int, Tensor)
 
 
 class StepBatchNorm(nn.Module):
@@ -36,10 +40,13 @@ class StepBatchNorm(nn.Module):
     stored, as `torch.nn.BatchNorm1d` does) and ``num_batches_tracked`` of shape
     (max_length,), one count per row. ``momentum=None`` makes each row a cumulative average.
 
-    Steps beyond the last row use the last row in evaluation (Cooijmans §3: "we use the
-    population statistic of time T_max for all time steps beyond it"). In training they use
-    batch statistics and are not tracked, with a warning once (SPEC choice), so that the
-    last row is never silently corrupted.
+    Population statistics are read through `population_row`: step t reads its own row up
+    to the last tracked row (``num_batches_tracked > 0``) and that row beyond it, so steps
+    past the longest sequence trained on (or past max_length) reuse the last step's
+    statistics (Cooijmans §3: "we use the population statistic of time T_max for all time
+    steps beyond it"). In training, steps beyond max_length use batch statistics and are not
+    tracked, with a warning once (SPEC choice), so that the last row is never silently
+    corrupted.
 
     A training step with fewer than two sequences present has no batch variance: it uses
     that step's population statistics instead (SPEC choice), so that no NaN or inf appears.
@@ -63,8 +70,11 @@ class StepBatchNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if max_length < 1:
-            raise ValueError(f"max_length must be a positive integer, got {max_length}")
+        num_features = positive_int("num_features", num_features)
+        max_length = positive_int("max_length", max_length)
+        eps = positive_eps(eps)
+        momentum = momentum_value(momentum)
+        gamma_init = finite("gamma_init", gamma_init)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.max_length = max_length
@@ -151,7 +161,7 @@ class StepBatchNorm(nn.Module):
         if self.uses_batch_stats and n >= 2:
             self._track(torch.tensor([t]), mean.detach()[None], var.detach()[None], [n])
         else:
-            row = min(t, self.max_length - 1)
+            row = self.population_row(t)
             mean, var = self.running_mean[row], self.running_var[row]
         return self._scale((z - mean) * torch.rsqrt(var + self.eps))
 
@@ -159,10 +169,9 @@ class StepBatchNorm(nn.Module):
         """Frame-wise normalisation of all steps at once; ``z`` is (T, N, F), zero-padded."""
         T, N = z.shape[0], z.shape[1]
         steps = torch.arange(time_offset, time_offset + T, device=z.device)
-        rows = steps.clamp(max=self.max_length - 1)
-        pop_mean, pop_var = self.running_mean[rows], self.running_var[rows]  # (T, F)
         if not self.uses_batch_stats:
-            mean, var = pop_mean, pop_var
+            rows = self.population_row(steps)
+            mean, var = self.running_mean[rows], self.running_var[rows]  # (T, F)
         else:
             sizes = torch.as_tensor(list(batch_sizes), device=z.device)
             mask = (torch.arange(N, device=z.device)[None, :] < sizes[:, None]).unsqueeze(-1)
@@ -176,10 +185,6 @@ class StepBatchNorm(nn.Module):
                 batch_mean = torch.where(mask, z, 0).sum(1) / count
                 centred = torch.where(mask, z - batch_mean[:, None], 0)
                 batch_var = centred.square().sum(1) / count
-            # Fewer than two sequences present: no batch variance, use the population row.
-            ok = (sizes >= 2)[:, None]
-            mean = torch.where(ok, batch_mean, pop_mean)
-            var = torch.where(ok, batch_var, pop_var)
             good = sizes >= 2
             self._track(
                 steps[good],
@@ -187,6 +192,12 @@ class StepBatchNorm(nn.Module):
                 batch_var.detach()[good],
                 sizes[good].tolist(),
             )
+            # Fewer than two sequences present: no batch variance, use the population row,
+            # read after tracking the earlier steps (as `step` called for each t reads it).
+            rows = self.population_row(steps)
+            ok = good[:, None]
+            mean = torch.where(ok, batch_mean, self.running_mean[rows])
+            var = torch.where(ok, batch_var, self.running_var[rows])
         return self._scale((z - mean[:, None]) * torch.rsqrt(var[:, None] + self.eps))
 
     def sequence(self, z: Tensor, batch_sizes: Sequence[int]) -> Tensor:
@@ -217,6 +228,27 @@ class StepBatchNorm(nn.Module):
 
     # -- population statistics ----------------------------------------------------------
 
+    def last_row(self) -> int:
+        """The last row that holds statistics: the last tracked one (``num_batches_tracked``
+        > 0), or, when no row was tracked (a new or reset module), the last row: the rows are
+        then the initial ones (mean 0, variance 1) or what was written into them directly,
+        and each step reads its own."""
+        tracked = self.num_batches_tracked.nonzero()
+        return int(tracked[-1, 0]) if len(tracked) else self.max_length - 1
+
+    def population_row(self, steps: T_steps) -> T_steps:
+        """The population row that step(s) ``steps`` (absolute indices: an int or a tensor)
+        read: the step's own row up to `last_row`, that row beyond it (Cooijmans §3: "we use
+        the population statistic of time T_max for all time steps beyond it"). So steps
+        past the longest sequence trained on (or collected by `update_population_stats`)
+        reuse its last step's statistics instead of rows that never held any. Rows before
+        `last_row` are read as they are, tracked or not. This is the one place of the rule:
+        `step`, `frames` and the fast path all read rows through it."""
+        last = self.last_row()
+        if isinstance(steps, Tensor):
+            return steps.clamp(max=last)
+        return min(steps, last)
+
     @torch.no_grad()
     def _track(
         self, steps: Tensor | range, mean: Tensor, var: Tensor, counts: Sequence[int]
@@ -235,11 +267,10 @@ class StepBatchNorm(nn.Module):
         steps = steps.to(self.running_mean.device)
         inside = steps < self.max_length
         if not bool(inside.all()) and not self._warned_beyond:
-            warnings.warn(
-                f"training on step {int(steps.max())} beyond max_length={self.max_length}: "
-                "batch statistics are used there and not tracked; raise max_length to keep "
-                "population statistics for these steps",
-                stacklevel=3,
+            warn_user(
+                f"training on step {int(steps[~inside].min())} (and any later step) beyond "
+                f"max_length={self.max_length}: batch statistics are used there and not "
+                "tracked; raise max_length to keep population statistics for these steps"
             )
             self._warned_beyond = True
         if not bool(inside.any()):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .checks import positive_int
 from .norm import StepBatchNorm
 
 NORMS = ("cooijmans", "input", "preactivation", None)
@@ -29,8 +30,7 @@ def check_placement(norm: str | None, input_stats: str, max_length: int) -> None
             "input_stats='sequence' normalises the separate input term W_ih x, which only "
             f"norm='cooijmans' and norm='input' have; got norm={norm!r}"
         )
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
+    positive_int("max_length", max_length)
 
 
 def build_norms(

@@ -5,7 +5,6 @@ the `torch.nn.LSTM` / `torch.nn.RNN` contract (arguments, parameter names, input
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from .checks import check_layer_args, finite, positive_int, warn_user
 from .functional import State, lstm_step, rnn_step
 from .init import WEIGHT_INITS, init_direction
 from .norm import StepBatchNorm
@@ -58,26 +58,21 @@ class _BNRNNBase(nn.Module):
     ) -> None:
         super().__init__()
         check_placement(norm, input_stats, max_length)
-        if not isinstance(hidden_size, int) or hidden_size <= 0:
-            raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
-        if not isinstance(num_layers, int) or num_layers <= 0:
-            raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
+        check_layer_args(input_size, hidden_size, eps, momentum, gamma_init, forget_bias)
+        positive_int("num_layers", num_layers)
         if isinstance(dropout, bool) or not 0.0 <= float(dropout) <= 1.0:
             raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
         if dropout > 0 and num_layers == 1:
-            warnings.warn(
+            warn_user(
                 "dropout is applied between layers only (not after the last one); with "
-                f"num_layers=1 dropout={dropout} has no effect",
-                stacklevel=2,
+                f"num_layers=1 dropout={dropout} has no effect"
             )
         if weight_init not in WEIGHT_INITS:
             raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got {weight_init!r}")
-        if init_noise < 0:
+        if finite("init_noise", init_noise) < 0:
             raise ValueError(f"init_noise must be non-negative, got {init_noise}")
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
 
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.input_size = input_size

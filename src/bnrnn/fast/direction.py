@@ -15,10 +15,10 @@ autograd records one node instead of tens per step:
   weight gradients of the chunk as one large GEMM each.
 
 The statistics follow `StepBatchNorm.step` exactly: batch statistics over the sequences
-present at each step; the population row ``min(t, max_length - 1)`` in evaluation and, in
-training, at steps where fewer than two sequences are present (read after the earlier
-steps of the same call have been tracked, as the step-by-step reference does); steps
-beyond ``max_length`` are not tracked in training.
+present at each step; the population row of step t (`StepBatchNorm.population_row`) in
+evaluation and, in training, at steps where fewer than two sequences are present (read
+after the earlier steps of the same call have been tracked, as the step-by-step reference
+does); steps beyond ``max_length`` are not tracked in training.
 """
 
 from __future__ import annotations
@@ -279,22 +279,24 @@ def _stat_buffers(
 
 def _population_rows(cfg: _Config, key: str, rows: int, flags: list[bool], like: Tensor) -> bool:
     """Whether the loops may read the module's population rows themselves: no step has
-    batch statistics, nothing is kept for a backward (that reads them later), and the rows
-    are the module's own, with no step beyond max_length (those reuse the last row)."""
+    batch statistics, nothing is kept for a backward (that reads them later), and every
+    step reads its own row (`StepBatchNorm.population_row` maps the last step to itself:
+    no step beyond the last tracked row or max_length, which reuse that row)."""
     bn = cfg.bns[key]
+    last = cfg.time_offset + rows - 1
     return (
         not cfg.plan.save
         and not any(flags)
         and not (key == "ih" and cfg.plan.ih_seq)
-        and cfg.time_offset + rows <= bn.max_length
+        and bn.population_row(last) == last
         and bn.running_mean.dtype == like.dtype
         and bn.running_mean.device == like.device
     )
 
 
 def _fill_population(cfg: _Config, b: Buffers, key: str, t0: int, t1: int) -> None:
-    """Population rows min(t, max_length - 1) for the steps in [t0, t1) without batch
-    statistics, read from the module's buffers now."""
+    """Population rows (`StepBatchNorm.population_row`) for the steps in [t0, t1) without
+    batch statistics, read from the module's buffers now."""
     bn = cfg.bns[key]
     steps = [t for t in range(t0, t1) if not b.B[key][t]]
     if not steps or b.M[key]._base is bn.running_mean:  # read in place (_population_rows)
@@ -302,7 +304,7 @@ def _fill_population(cfg: _Config, b: Buffers, key: str, t0: int, t1: int) -> No
     # index_select / index_copy_: one gather and one scatter (indexed assignment costs ~1 ms
     # per call at T = 200)
     idx = torch.tensor(steps, device=b.M[key].device)
-    rows = (idx + cfg.time_offset).clamp(max=bn.max_length - 1)
+    rows = bn.population_row(idx + cfg.time_offset)
     b.M[key].index_copy_(0, idx, bn.running_mean.index_select(0, rows).to(b.M[key].dtype))
     b.V[key].index_copy_(0, idx, bn.running_var.index_select(0, rows).to(b.V[key].dtype))
 
