@@ -11,6 +11,9 @@
 Every field of `bnrnn_experiments.config.Config` is an option of ``train`` and
 ``reproduce`` (``--hidden-size 128``, ``--gamma-init 1.0``, ``--no-verify-data``); options
 given explicitly override the preset.
+
+Errors are one line on stderr with a non-zero exit status (see `bnrnn_experiments.errors`);
+``--debug`` or ``BNRNN_DEBUG=1`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -21,9 +24,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import ALL_MODELS, ALL_TASKS, FIELDS, PRESETS, Config, format_config, make_config
+from .config import (
+    ALL_MODELS,
+    ALL_TASKS,
+    FIELDS,
+    PRESETS,
+    RESUMABLE,
+    Config,
+    format_config,
+    make_config,
+)
 from .distributed import env_is_main, launched_by_torchrun
+from .errors import run_command
 from .figures import add_figure_parser, run_figure
+from .figures.cli import DEBUG_HELP
 
 _FIXED = ("task", "model", "preset", "dry_run")  # positional / dedicated options
 
@@ -97,8 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--runs-dir", help="parent of the run directories (default: runs or $BNRNN_RUNS_DIR)"
     )
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run from its last checkpoint")  # fmt: skip
+    p.add_argument(
+        "--resume", action="store_true",
+        help="continue the run from its last checkpoint (verified by its checksum), with its "
+             "saved configuration; only these options may change: "
+             + ", ".join("--" + n.replace("_", "-") for n in RESUMABLE)
+             + ". Others are refused before anything is written",
+    )  # fmt: skip
     p.add_argument("--force", action="store_true", help="delete an existing run and start over")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved configuration and exit")  # fmt: skip
@@ -145,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="data directory (default: the run's, else $BNRNN_DATA_DIR)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     add_figure_parser(sub)  # bnrnn figure ...: the papers' analyses (figures/cli.py)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    for p in sub.choices.values():  # also after the command: bnrnn train ... --debug
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
@@ -160,7 +182,7 @@ def _resolve_train_config(args: argparse.Namespace, run_dir: Path | None) -> Con
                 f"{run_dir} holds a {saved.task} {saved.model} run, not {args.task} {args.model}"
             )
         changed = {k: v for k, v in overrides.items() if getattr(saved, k) != v}
-        if changed and env_is_main():
+        if changed and env_is_main() and changed.keys() <= set(RESUMABLE):
             print(f"| resuming with changed options: {changed}", flush=True)
         return apply_overrides(saved, overrides)
     return make_config(args.task, args.model, args.preset, args.dry_run, **overrides)
@@ -258,9 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bnrnn`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     raw = sys.argv[1:] if argv is None else list(argv)
-    from .data import DataUnavailableError
 
-    try:
+    def run() -> int:
         if launched_by_torchrun() and args.command != "train":
             raise ValueError("only `bnrnn train` runs under torchrun (several processes)")
         if args.command == "train":
@@ -272,12 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "figure":
             return run_figure(args, raw)
         return cmd_evaluate(args)
-    except (ValueError, FileExistsError, FileNotFoundError, DataUnavailableError) as e:
-        print(f"bnrnn {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"bnrnn {args.command}: interrupted (resume with --resume)", file=sys.stderr)
-        return 130
+
+    return run_command(args.command, args.debug, run)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,13 @@ Runs with different scores get a row of panels each.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import naming
 from .rundir import CONFIG, RESULTS, read_json, read_metrics
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     config_path = path / CONFIG
     if not config_path.is_file():
         raise FileNotFoundError(f"{path} is not a run directory (no {CONFIG})")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = read_json(config_path)
     return Run(path.name, path, config, read_metrics(path), read_json(path / RESULTS))
 
 
@@ -161,8 +161,11 @@ def plot_runs(runs: Sequence[Run], out: str | os.PathLike[str], title: str | Non
     """Write the learning curves of ``runs`` to the PNG ``out``."""
     fig = make_figure(runs, title)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=110)
+    except OSError as e:  # a write error names no file
+        raise naming(e, out) from e
     return out
 
 

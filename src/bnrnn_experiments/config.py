@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,6 +126,11 @@ class Config:
     patience: int = _f(0, "early stopping: stop after N validations without improvement; 0 = never")
     pop_batches: int = _f(
         100, "training batches for re-estimating BN population statistics; 0 = one epoch"
+    )
+    max_skipped_steps: int = _f(
+        5,
+        "a step whose gradient norm is not finite is skipped (no update; counted in the log "
+        "and metrics.jsonl); stop the run after this many such steps in a row",
     )
     threads: int = _f(0, "torch CPU threads; 0 = torch's default")
     sync_stats: bool = _f(
@@ -447,10 +453,25 @@ def validate(cfg: Config) -> Config:
         raise ValueError(f"log_interval must be a positive integer, got {cfg.log_interval}")
     if cfg.max_steps == 0 and cfg.max_epochs == 0:
         raise ValueError("set max_steps or max_epochs (both are 0: the run would never end)")
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
-    if cfg.lr <= 0:
-        raise ValueError(f"lr must be positive, got {cfg.lr}")
+    for name in ("momentum", "optim_momentum"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {getattr(cfg, name)}")
+    for name in ("lr", "eps"):  # eps: added to the variance before its square root
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
+    if not 0.0 < cfg.lr_decay <= 1.0:
+        raise ValueError(f"lr_decay must be in (0, 1], got {cfg.lr_decay}")
+    for name in ("clip", "init_noise", "init_range"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.max_skipped_steps < 1:
+        raise ValueError(f"max_skipped_steps must be >= 1, got {cfg.max_skipped_steps}")
     if cfg.task in ("smnist", "pmnist") and cfg.seq_len != 784:
         raise ValueError(f"{cfg.task} reads 784 pixels one by one; seq_len must be 784")
     return cfg
@@ -471,6 +492,20 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
             raise ValueError(f"unknown configuration field {key!r}")
     new = dataclasses.replace(cfg, **{k: _coerce(k, v) for k, v in overrides.items()})
     return validate(new)
+
+
+# What `--resume` may change: when and how often to stop, log, validate and save, where the
+# data lives, the threads. Everything else (architecture, data, optimiser, seed) made the
+# checkpoint and stays as it was saved.
+RESUMABLE = ("max_steps", "max_epochs", "eval_interval", "log_interval", "save_interval",
+             "patience", "pop_batches", "max_skipped_steps", "eval_batch_size", "threads",
+             "data_dir", "verify_data")  # fmt: skip
+
+
+def resume_conflicts(saved: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """{field: (saved, new)} for the fields outside `RESUMABLE` that differ."""
+    return {k: (v, getattr(new, k)) for k, v in saved.to_dict().items()
+            if k not in RESUMABLE and getattr(new, k) != v}  # fmt: skip
 
 
 def format_config(cfg: Config) -> str:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -99,6 +99,28 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def on_main(fn: Callable[[], Any]) -> Any:
+    """``fn()`` run by rank 0 alone, its result on every process; if it raises, every
+    process raises the same exception (none waits forever for the others)."""
+    outcome: tuple[str, Any] = ("ok", None)
+    if is_main():
+        try:
+            outcome = ("ok", fn())
+        except Exception as e:
+            outcome = ("error", e)
+    outcome = broadcast_object(outcome)
+    if outcome[0] == "error":
+        raise outcome[1]
+    return outcome[1]
+
+
+def all_true(flag: bool) -> bool:
+    """Is ``flag`` true on every process? (a collective when distributed)"""
+    if not is_distributed():
+        return flag
+    return all_reduce_sum([0.0 if flag else 1.0])[0] == 0.0
 
 
 def gather_objects(obj: Any) -> list[Any] | None:

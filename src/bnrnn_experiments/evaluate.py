@@ -19,7 +19,7 @@ from torch import nn
 
 import bnrnn
 
-from .checkpoint import load_checkpoint, seed_everything
+from .checkpoint import CheckpointError, load_checkpoint, seed_everything
 from .config import Config, apply_overrides
 from .rundir import BEST, EVAL, LAST, read_config, write_json
 from .tasks import Task, make_task
@@ -114,10 +114,18 @@ def load_run_model(
         path = run_dir / LAST
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint in {run_dir} (expected {BEST} or {LAST})")
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        other = "best" if path.name == LAST else "last"
+        raise CheckpointError(
+            e.path,
+            f"{e.why}; evaluate the other checkpoint (--checkpoint {other}) or restore "
+            "this one from a copy",
+        ) from e
     seed_everything(cfg.seed)
     task = make_task(cfg)
     model = task.build_model()
-    ckpt = load_checkpoint(path)
     model.load_state_dict(ckpt["model"])
     return cfg, task, model, ckpt
 

@@ -79,7 +79,13 @@ def read_config(run_dir: str | os.PathLike[str]) -> Config:
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {run_dir} is not a bnrnn run directory")
-    return config_from_dict(json.loads(path.read_text(encoding="utf-8")))
+    saved = read_json(path)
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} is not a bnrnn configuration (a JSON object)")
+    try:
+        return config_from_dict(saved)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}; fix or restore the file") from e
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
@@ -113,9 +119,14 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> Any | None:
+    """The JSON in ``path``, None if there is no such file; ValueError naming the file if
+    it is not JSON."""
     if not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); fix or restore the file") from e
 
 
 def is_run_dir(path: str | os.PathLike[str]) -> bool:

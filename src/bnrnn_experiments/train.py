@@ -24,6 +24,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +36,17 @@ import bnrnn
 from . import distributed as du
 from . import rundir as rd
 from .checkpoint import (
+    CheckpointError,
     clean_stale_temporaries,
     load_checkpoint,
+    read_checkpoint,
     rng_state,
     save_checkpoint,
     seed_everything,
     set_rng_state,
 )
-from .config import Config
+from .config import Config, resume_conflicts
+from .errors import TrainingDiverged
 from .evaluate import format_scores, has_bn, scores_with_population
 from .tasks import make_task, model_summary
 
@@ -112,27 +116,46 @@ def _progress_bar(total: int, initial: int) -> Any:
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> bool:
-    """Create ``run_dir``; return True if there is a checkpoint to resume from.
+def check_run_dir(run_dir: Path, cfg: Config, resume: bool, force: bool) -> bool:
+    """Decide, without writing anything, whether ``run_dir`` is resumed (True: ``resume``
+    and a last checkpoint) or started afresh (False).
 
-    An existing run is an error unless ``resume`` (continue it) or ``force`` (start over:
-    its files are deleted)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(run_dir)
+    An existing run (metrics or a checkpoint) is an error unless ``resume`` (continue it)
+    or ``force`` (start over; its files are deleted once training can start). A resume
+    that changes an option outside `RESUMABLE` is an error listing the options."""
     if resume and (run_dir / rd.LAST).is_file():
+        if (run_dir / rd.CONFIG).is_file():
+            conflicts = resume_conflicts(rd.read_config(run_dir), cfg)
+            if conflicts:
+                listed = ", ".join(f"--{k.replace('_', '-')} (run: {a!r}, asked: {b!r})"
+                                   for k, (a, b) in conflicts.items())  # fmt: skip
+                raise ValueError(
+                    f"--resume cannot change {listed}: {run_dir / rd.LAST} was trained with "
+                    "the run's values; drop them, or train a new run (--run-dir) or start "
+                    "this one over (--force)"
+                )
         return True
-    started = [n for n in (rd.CONFIG, rd.METRICS, rd.LAST, rd.BEST) if (run_dir / n).exists()]
+    # config.json and the command history alone: a start that failed before its first record
+    started = [n for n in (rd.METRICS, rd.LAST, rd.BEST) if (run_dir / n).exists()]
     if started and not (force or resume):
         raise FileExistsError(
             f"{run_dir} already holds a run ({', '.join(started)}); pass --resume to continue "
             "it, --force to start over, or --run-dir for another directory"
         )
-    # a fresh start; --resume without a checkpoint (killed before the first one) keeps the
-    # command history
-    names = [rd.METRICS, rd.LAST, rd.BEST, rd.RESULTS, rd.EVAL, rd.LOG]
-    for name in names + ([] if resume else [rd.COMMAND]):
-        (run_dir / name).unlink(missing_ok=True)
     return False
+
+
+def prepare_run_dir(run_dir: Path, resuming: bool, resume: bool) -> None:
+    """Create ``run_dir`` and clear it for a fresh start (``resuming`` False: a fresh start;
+    after `--resume` without a checkpoint, killed before the first one, the command history
+    is kept). A resumed run loses its results.json, which this run replaces."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(run_dir)
+    names = [rd.RESULTS]
+    if not resuming:
+        names += [rd.METRICS, rd.LAST, rd.BEST, rd.EVAL, rd.LOG] + ([] if resume else [rd.COMMAND])
+    for name in names:
+        (run_dir / name).unlink(missing_ok=True)
 
 
 def train(
@@ -151,36 +174,54 @@ def train(
     ``resume``: continue from ``ckpt_last.pt`` if there is one (else start afresh).
     ``stop_at_step``: stop right after this step as a crash would, without the final
     evaluation (used by the resume tests).
+
+    Nothing is written to ``run_dir`` before the data, the model and (on resume) the
+    checkpoint are loaded: a run that cannot start leaves the directory as it was.
+    Raises `TrainingDiverged` on a non-finite loss, gradient norm (after
+    ``max_skipped_steps`` skipped steps in a row) or parameter.
     """
     run_dir = Path(run_dir) if run_dir is not None else rd.default_runs_dir() / rd.run_name(cfg)
     with du.session():
         # rank 0 decides (and alone touches the run directory); the others follow its
         # configuration, so that they agree even if their command lines resolved another one
         cfg = du.broadcast_object(cfg)
-        outcome: tuple[str, Any] = ("ok", False)
-        if du.is_main():
-            try:
-                resuming = prepare_run_dir(run_dir, resume, force)
-                rd.write_command(run_dir, argv, note="resume" if resuming else "")
-                rd.write_config(run_dir, cfg)
-                outcome = ("ok", resuming)
-            except Exception as e:  # every rank raises it, none waits forever
-                outcome = ("error", e)
-        outcome = du.broadcast_object(outcome)
-        if outcome[0] == "error":
-            raise outcome[1]
+        resuming = du.on_main(lambda: check_run_dir(run_dir, cfg, resume, force))
+
+        def start(ckpt: dict[str, Any] | None) -> None:  # rank 0: training can start
+            prepare_run_dir(run_dir, resuming, resume)
+            rd.write_command(run_dir, argv, note="resume" if resuming else "")
+            rd.write_config(run_dir, cfg)
+            if ckpt is not None:
+                rd.truncate_metrics(run_dir, ckpt["state"]["step"])
+
         log = Logger(run_dir, quiet, enabled=du.is_main())
         threads = torch.get_num_threads()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         try:
-            return _train(cfg, run_dir, outcome[1], log, stop_at_step)
+            return _train(cfg, run_dir, resuming, start, log, stop_at_step)
         finally:
             torch.set_num_threads(threads)
 
 
+def _load_last(run_dir: Path) -> tuple[dict[str, Any], bool]:
+    try:
+        return read_checkpoint(run_dir / rd.LAST)
+    except CheckpointError as e:
+        raise CheckpointError(
+            e.path,
+            f"{e.why}; --resume needs it whole: restore it from a copy, or start the "
+            "run over with --force",
+        ) from e
+
+
 def _train(
-    cfg: Config, run_dir: Path, resuming: bool, log: Logger, stop_at_step: int | None
+    cfg: Config,
+    run_dir: Path,
+    resuming: bool,
+    start: Callable[[dict[str, Any] | None], None],
+    log: Logger,
+    stop_at_step: int | None,
 ) -> dict[str, Any]:
 
     # -- setup: data, model, optimiser (the seed fixes the init and the data order) -----
@@ -208,12 +249,24 @@ def _train(
         "stopped": False,  # early-stopped
         "train_seconds": 0.0,
         "window": [0.0, 0, 0, 0, 0.0],  # loss sum, batches, correct, count, seconds since last log
+        "skipped": 0,  # steps skipped for a non-finite gradient norm, in all
+        "skipped_in_a_row": 0,
+        "skipped_logged": 0,  # `skipped` at the last log line
     }
     carry: Any = None  # hidden state carried between batches (word LM)
+    ckpt: dict[str, Any] | None = None
+    verified = True
     if resuming:
         # rank 0 reads the checkpoint and sends it (other machines need not see the file)
-        ckpt = du.broadcast_object(load_checkpoint(run_dir / rd.LAST) if main else None)
-        model.load_state_dict(ckpt["model"])
+        ckpt, verified = du.on_main(lambda: _load_last(run_dir))
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:  # config.json edited by hand since the checkpoint
+            raise CheckpointError(
+                run_dir / rd.LAST,
+                f"does not fit the model of {run_dir / rd.CONFIG} (its "
+                "shapes differ); restore the run's config.json, or start over with --force",
+            ) from e
         optimizer.load_state_dict(ckpt["optimizer"])
         state.update(ckpt["state"])
         carry = _shard_carry(ckpt["carry"], rank, world)
@@ -226,9 +279,12 @@ def _train(
             torch.manual_seed(cfg.seed + 1_000_003 * rank + 7919 * state["step"])
         if rank > 0:  # the saved window holds every rank's sums: count them once
             state["window"] = [0.0, state["window"][1], 0, 0, state["window"][4]]
-        if main:
-            rd.truncate_metrics(run_dir, state["step"])
+    # training can start: now (and only now) the run directory is written
+    du.on_main(lambda: start(ckpt))
+    if resuming:
         log(f"| resumed from {run_dir / rd.LAST} at step {state['step']}")
+        if not verified:
+            log(f"| note: {rd.LAST} has no checksum (written by an older bnrnn): not verified")
     if main:
         task.save_artifacts(run_dir)
     log(f"| run {run_dir}")
@@ -243,12 +299,28 @@ def _train(
             + ("synchronised" if synced else "per process" if has_bn(model) else "n/a")
         )
 
+    saved_at = [state["step"] if resuming else None]  # step of the last checkpoint
+
+    def diverged(step: int, what: str) -> TrainingDiverged:
+        kept = f"{rd.LAST} (step {saved_at[0]}) is kept" if saved_at[0] else "no checkpoint"
+        if log.bar is not None:
+            log.bar.close()
+            log.bar = None
+        return TrainingDiverged(
+            f"training diverged at step {step}: {what}; stopped, {kept}, no results written. "
+            "Start over (--force) with a lower --lr or --clip"
+        )
+
     def save_last() -> None:
+        # never a non-finite model over a good checkpoint (every rank checks: a collective)
+        if not du.all_true(_finite(model)):
+            raise diverged(state["step"], "a parameter or BN statistic is not finite")
         # collectives first (every rank is here at the same step), then rank 0 writes:
         # the global carry (ranks' rows interleaved back) and window, every rank's RNG
         saved_state = dict(state, window=_reduce_window(state["window"], world))
         carries = du.gather_objects(carry)
         rngs = du.gather_objects(rng_state())
+        saved_at[0] = state["step"]
         if not main:
             return
         save_checkpoint(
@@ -284,14 +356,35 @@ def _train(
         optimizer.zero_grad(set_to_none=True)
         scale = weight * task.loss_scale
         (loss if scale == 1.0 else loss * scale).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else math.inf)
-        optimizer.step()
-        state["step"] += 1
-        step = state["step"]
+        clip = cfg.clip if cfg.clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        step = state["step"] + 1
+        loss_value = loss.item()
+        # DDP reduced the gradients: the norm, hence the decision, is the same on every rank
+        if math.isfinite(grad_norm):
+            try:
+                optimizer.step()
+            except RuntimeError as e:  # an update beyond float32 (e.g. Adam with lr 1e38)
+                if "overflow" not in str(e):
+                    raise
+                raise diverged(step, f"the optimiser's update overflows (lr {lr:g})") from e
+            state["skipped_in_a_row"] = 0
+        else:  # no update from this batch (clip_grad_norm_ would make it zero or NaN)
+            if not du.all_true(math.isfinite(loss_value)):
+                raise diverged(step, "the training loss is not finite")
+            state["skipped"] += 1
+            state["skipped_in_a_row"] += 1
+            if state["skipped_in_a_row"] >= cfg.max_skipped_steps:
+                raise diverged(
+                    step,
+                    f"the gradient norm was not finite in {state['skipped_in_a_row']} "
+                    f"steps in a row (--max-skipped-steps {cfg.max_skipped_steps})",
+                )
+        state["step"] = step
 
         now = time.perf_counter()
         w = state["window"]
-        w[0] += loss.item() if world == 1 else loss.item() * weight / world
+        w[0] += loss_value if world == 1 else loss_value * weight / world
         w[1] += 1
         w[2] += correct
         w[3] += count
@@ -300,33 +393,43 @@ def _train(
         t_last = now
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch + 1, refresh=False)
+            bar.set_postfix(loss=f"{loss_value:.3f}", epoch=epoch + 1, refresh=False)
 
         if step % cfg.log_interval == 0 or step == total:
             w = state["window"] = _reduce_window(w, world)  # global sums, on every rank
             mean = w[0] / w[1]
+            if not math.isfinite(mean):  # e.g. an infinite loss with finite gradients
+                raise diverged(step, f"the mean training loss is {mean}")
             score = task.score(mean, w[2], w[3])
             ms = 1000.0 * w[4] / w[1]
             eta = (total - step) * w[4] / w[1]
+            skipped = state["skipped"] - state["skipped_logged"]
             log(
                 f"| epoch {epoch + 1:3d} | {index + 1:5d}/{spe} batches | lr {lr:.3g} "
                 f"| ms/batch {ms:6.1f} | loss {mean:6.3f} | {metric} {score:7.3f} "
-                f"| grad {float(grad_norm):6.2f} | eta {_fmt_time(eta)}"
+                f"| grad {grad_norm:6.2f} | eta {_fmt_time(eta)}"
+                + (f" | skipped {skipped} (non-finite gradient)" if skipped else "")
             )
             if main:
                 rd.append_metrics(
                     run_dir,
                     {"kind": "train", "step": step, "epoch": epoch + 1, "lr": lr, "loss": mean,
-                     metric: score, "grad_norm": float(grad_norm), "ms_per_batch": ms},
+                     metric: score, "grad_norm": grad_norm, "skipped": skipped,
+                     "ms_per_batch": ms},
                 )  # fmt: skip
             state["window"] = [0.0, 0, 0, 0, 0.0]
+            state["skipped_logged"] = state["skipped"]
 
         if step % eval_every == 0 or step == total:
             t0 = time.perf_counter()
+            trouble = None
             if main:  # eval mode uses the population statistics: no collectives
-                _validate(task, model, cfg, run_dir, state, step, epoch, log)
+                trouble = _validate(task, model, cfg, run_dir, state, step, epoch, log)
             keys = ("best", "best_step", "bad_evals", "stopped")
-            state.update(du.broadcast_object({k: state[k] for k in keys}))  # others waited
+            shared, trouble = du.broadcast_object(({k: state[k] for k in keys}, trouble))
+            if trouble:  # every rank stops (rank 0 found it; the others waited)
+                raise diverged(step, trouble)
+            state.update(shared)
             t_last += time.perf_counter() - t0  # validation time is not training time
 
         if step % save_every == 0 or step == total or state["stopped"]:
@@ -345,8 +448,8 @@ def _train(
 
     # -- final evaluation: best model, running vs re-estimated population statistics ----
     best_path = run_dir / rd.BEST
-    if main and best_path.is_file():
-        model.load_state_dict(load_checkpoint(best_path)["model"])
+    if best_path.is_file():  # every rank raises if rank 0 cannot read it
+        du.on_main(lambda: _load_best(model, best_path))
     du.broadcast_module_state(model)  # rank 0's best model everywhere
     log(f"| final evaluation of the best model (step {state['best_step']})")
     # every rank re-estimates on its shards (collective when synchronised); rank 0 scores
@@ -356,6 +459,13 @@ def _train(
     _save_rank_state(model, rank)
     scores = du.broadcast_object(scores)
     log(format_scores(metric, scores))
+    bad = [f"{which} {split}" for which in ("running", "reestimated")
+           for split, value in (scores[which] or {}).items()
+           if not (math.isfinite(value["loss"]) and math.isfinite(value[metric]))]  # fmt: skip
+    if bad:
+        raise diverged(state["step"], f"the final scores are not finite ({', '.join(bad)})")
+    if state["skipped"]:
+        log(f"| {state['skipped']} steps skipped for a non-finite gradient norm")
     results = {
         "task": cfg.task,
         "model": cfg.model,
@@ -366,6 +476,7 @@ def _train(
         "best_step": state["best_step"],
         "best_valid": state["best"],
         "early_stopped": state["stopped"],
+        "skipped_steps": state["skipped"],
         "train_seconds": round(state["train_seconds"], 2),
         "wall_seconds_this_process": round(wall, 2),
         **({"world_size": world, "sync_stats": synced} if world > 1 else {}),
@@ -376,11 +487,16 @@ def _train(
     return results
 
 
-def _validate(task, model, cfg, run_dir, state, step, epoch, log) -> None:
-    """Validation of rank 0 (or the only process): best checkpoint, early stopping."""
+def _validate(task, model, cfg, run_dir, state, step, epoch, log) -> str | None:
+    """Validation of rank 0 (or the only process): best checkpoint, early stopping.
+    Returns what is not finite (the model or its validation loss), else None."""
     metric = task.metric
     t0 = time.perf_counter()
+    if not _finite(model):
+        return "a parameter or BN statistic is not finite"
     valid = task.evaluate(model, "valid")
+    if not math.isfinite(valid["loss"]):
+        return f"the validation loss is {valid['loss']}"
     if task.better(valid[metric], state["best"]):
         state.update(best=valid[metric], best_step=step, bad_evals=0)
         save_checkpoint(
@@ -404,6 +520,25 @@ def _validate(task, model, cfg, run_dir, state, step, epoch, log) -> None:
     if cfg.patience and state["bad_evals"] >= cfg.patience:
         state["stopped"] = True
         log(f"| early stopping: no improvement in {cfg.patience} validations")
+    return None
+
+
+def _finite(model: nn.Module) -> bool:
+    """Are all floating-point parameters and buffers of ``model`` finite?"""
+    return all(
+        bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point()
+    )
+
+
+def _load_best(model: nn.Module, path: Path) -> None:
+    try:
+        model.load_state_dict(load_checkpoint(path)["model"])
+    except CheckpointError as e:
+        raise CheckpointError(
+            e.path,
+            f"{e.why}; restore it from a copy, or delete it and run again with "
+            "--resume to score the last model instead",
+        ) from e
 
 
 def parallelize(cfg: Config, task: Any, model: nn.Module) -> tuple[nn.Module, float, bool]:

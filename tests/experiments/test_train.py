@@ -211,6 +211,7 @@ def test_mnist_splits_and_permutation() -> None:
 
 def test_existing_run_is_not_overwritten(tmp_path: Path) -> None:
     (tmp_path / rd.CONFIG).write_text("{}")
+    (tmp_path / rd.METRICS).write_text('{"kind": "train", "step": 1, "loss": 1.0}\n')
     with pytest.raises(FileExistsError, match="--resume"):
         train(make_config("ptb-char", "lstm", dry_run=True), tmp_path, quiet=True)
 

@@ -30,6 +30,7 @@ __all__ = [
     "DATA_DIR_ENV",
     "DEFAULT_DATA_DIR",
     "ChecksumError",
+    "DataFileError",
     "DataUnavailableError",
     "Fetch",
     "dataset_dir",
@@ -57,7 +58,12 @@ class DataUnavailableError(RuntimeError):
     """A data file is missing and could not be downloaded (e.g. the machine is offline)."""
 
 
-class ChecksumError(RuntimeError):
+class DataFileError(RuntimeError):
+    """A data file is present but unusable (corrupt, cut short, empty); the message names
+    the file and what to do."""
+
+
+class ChecksumError(DataFileError):
     """A data file exists (or was downloaded) but its checksum does not match."""
 
 

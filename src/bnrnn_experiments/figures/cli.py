@@ -11,6 +11,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+from ..errors import DEBUG_ENV, run_command
 from . import (
     gamma_sensitivity,
     gradient_flow,
@@ -19,6 +20,7 @@ from . import (
     tanh_derivative,
 )
 
+DEBUG_HELP = f"on an error, show the Python traceback too (also: {DEBUG_ENV}=1)"
 USAGE = """The papers' analyses as commands. Each writes NAME.png, NAME.csv (the numbers
 plotted) and NAME.json (settings, summary, caption, command) into --out (default: figures).
 
@@ -109,11 +111,7 @@ def main_figure(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _fill(parser)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_args(argv)
-    from ..data import DataUnavailableError
-
-    try:
-        return run_figure(args, list(sys.argv[1:] if argv is None else argv))
-    except (ValueError, FileNotFoundError, FileExistsError, DataUnavailableError) as e:
-        print(f"bnrnn figure {args.figure}: error: {e}", file=sys.stderr)
-        return 2
+    raw = list(sys.argv[1:] if argv is None else argv)
+    return run_command(f"figure {args.figure}", args.debug, lambda: run_figure(args, raw))
