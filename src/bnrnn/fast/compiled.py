@@ -1,4 +1,5 @@
-"""Build, load and call the compiled loops (``loops.cpp``).
+"""Build, load and call the compiled loops (``csrc/``: the operators ``bnrnn_fast::forward_loop``
+and ``bnrnn_fast::backward_loop``, called by keyword).
 
 The extension is compiled at first use with `torch.utils.cpp_extension.load` (gcc and
 ninja; the ``ninja`` package from PyPI is found even outside an activated virtualenv) into
@@ -23,25 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from .loops import Buffers, Plan
+from .loops import LSTM, RNN_RELU, RNN_TANH, Buffers, Plan
 
-SOURCE = Path(__file__).with_name("loops.cpp")
-# Order of the tensor list, shared with `enum Fwd` in loops.cpp.
-# fmt: off
-_ORDER = (
-    "WX", "XH", "ACT", "OUT", "h0", "whT", "C", "TC", "c0", "bias",
-    "g_ih", "g_hh", "g_pre", "g_c", "b_c",
-    "M_ih", "V_ih", "M_hh", "V_hh", "M_pre", "V_pre", "M_c", "V_c",
-    "B_ih", "B_hh", "B_pre", "B_c",
-    # backward
-    "dOUT", "dh", "dc", "DWX", "DWH", "w_hh",
-    "gs_sum", "gs_ih", "gs_hh", "gs_pre", "gs_c", "gs_b_c",
-    # the input projection inside the loop (Plan.inline_ih, Plan.step_ih)
-    "x", "w_ihT", "w_ih", "XS", "gs_w_ihT", "dX",
-)
-# fmt: on
+SOURCES = Path(__file__).with_name("csrc")  # ops.cpp includes the headers beside it
 
 # -fno-math-errno, -fno-trapping-math: let gcc vectorise sqrt and the branch-free exp/tanh
 # (no -ffast-math: NaN and inf keep their IEEE meaning).
@@ -78,7 +64,9 @@ def _cpu_tag() -> str:
 
 def build_name() -> str:
     h = hashlib.sha256()
-    h.update(SOURCE.read_bytes())
+    for path in sorted(SOURCES.iterdir()):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
     h.update(torch.__version__.encode())
     h.update(_cpu_tag().encode())
     h.update(" ".join(_CFLAGS + _LDFLAGS).encode())
@@ -110,7 +98,7 @@ def load() -> Any:
             _ensure_ninja_on_path()
             load_extension(
                 name=build_name(),
-                sources=[str(SOURCE)],
+                sources=[str(SOURCES / "ops.cpp")],
                 extra_cflags=_CFLAGS,
                 extra_ldflags=_LDFLAGS,
                 is_python_module=False,
@@ -185,76 +173,79 @@ def set_cache_limit(nbytes: int) -> int:
     return int(torch.ops.bnrnn_fast.set_cache_limit(nbytes))
 
 
+_KINDS = {LSTM: "lstm", RNN_TANH: "rnn_tanh", RNN_RELU: "rnn_relu"}
+NORM_KEYS = ("ih", "hh", "pre", "c")
+
+
 class _Ops:
-    """Calls the compiled loops with the arguments of `bnrnn.fast.loops`."""
+    """Calls the compiled loops with the arguments of `bnrnn.fast.loops`, by keyword."""
 
     @staticmethod
-    def _cfg(plan: Plan, b: Buffers) -> list[int]:
-        return [
-            plan.kind,
-            int(plan.has_ih),
-            int(plan.ih_seq),
-            int(plan.has_hh),
-            int(plan.has_pre),
-            int(plan.has_c),
-            int(plan.save),
-            plan.H,
-            plan.G,
-            b.OUT.shape[1],
-            int(plan.inline_ih),
-            plan.wx_base,
-            int(plan.step_ih),
-            int(plan.reverse),
-            int(plan.recompute_act),
-        ]
-
-    @staticmethod
-    def _tensors(plan: Plan, b: Buffers, backward: bool) -> list[Tensor | None]:
-        ts: dict[str, Tensor | None] = {
-            name: getattr(b, name, None)
-            for name in ("WX", "XH", "ACT", "OUT", "h0", "C", "TC", "c0", "bias")
-        }
-        ts.update(g_ih=b.g_ih, g_hh=b.g_hh, g_pre=b.g_pre, g_c=b.g_c, b_c=b.b_c)
-        ts.update(x=b.x, w_ihT=b.w_ihT, w_ih=b.w_ih, XS=b.XS, dX=b.dX)
-        for key in ("ih", "hh", "pre", "c"):
-            ts[f"M_{key}"] = b.M.get(key)
-            ts[f"V_{key}"] = b.V.get(key)
-            flags = b.B.get(key)
-            ts[f"B_{key}"] = None if flags is None else _flags(flags)
-        if backward:  # the backward multiplies by W_hh itself
-            ts.update(dOUT=b.dOUT, dh=b.dh, dc=b.dc, DWX=b.DWX, DWH=b.DWH, w_hh=b.w_hh)
-            for key in ("sum", "ih", "hh", "pre", "c", "b_c", "w_ihT"):
-                ts[f"gs_{key}"] = b.grads.get(key)
-        else:
-            ts["whT"] = b.whT
-        # W_hh^T goes as the view it is (the loops copy the columns they need)
-        return [
-            _detached(ts.get(name)) if name == "whT" else _contiguous(ts.get(name))
-            for name in _ORDER
-        ]
+    def _common(plan: Plan, b: Buffers, t0: int, t1: int) -> dict[str, Any]:
+        kw: dict[str, Any] = dict(
+            kind=_KINDS[plan.kind],
+            batch_sizes=plan.sizes,
+            t0=t0,
+            t1=t1,
+            sequence_ih=plan.ih_seq,
+            inline_ih=plan.inline_ih,
+            step_ih=plan.step_ih,
+            recompute_act=plan.recompute_act,
+            out=b.OUT,
+            h0=b.h0,
+            c0=b.c0,
+            bias=b.bias,
+            gamma_ih=b.g_ih,
+            gamma_hh=b.g_hh,
+            gamma_pre=b.g_pre,
+            gamma_c=b.g_c,
+            beta_c=b.b_c,
+            x=b.x,
+            w_ih_t=b.w_ihT,
+        )
+        for key, eps in zip(NORM_KEYS, plan.eps):
+            kw[f"eps_{key}"] = eps
+            kw[f"mean_{key}"] = b.M.get(key)
+            kw[f"var_{key}"] = b.V.get(key)
+            kw[f"batch_steps_{key}"] = sum(b.B.get(key, ()))  # (a prefix of the steps)
+        return kw
 
     def forward_loop(self, plan: Plan, b: Buffers, t0: int, t1: int) -> None:
         torch.ops.bnrnn_fast.forward_loop(
-            self._cfg(plan, b), list(plan.eps), plan.sizes, self._tensors(plan, b, False), t0, t1
+            **self._common(plan, b, t0, t1),
+            wx=b.WX,
+            wh=b.XH,
+            gates=b.ACT,
+            cell=b.C,
+            tanh_cell=b.TC,
+            w_hh_t=b.whT,  # a view: the loops copy the columns they need
+            save=plan.save,
+            reverse=plan.reverse,
+            wx_base=plan.wx_base,
         )
 
     def backward_loop(self, plan: Plan, b: Buffers, t0: int, t1: int) -> None:
         torch.ops.bnrnn_fast.backward_loop(
-            self._cfg(plan, b), list(plan.eps), plan.sizes, self._tensors(plan, b, True), t0, t1
+            **self._common(plan, b, t0, t1),
+            wx=b.WX,
+            wh=b.XH if plan.has_hh else None,
+            gates=None if plan.recompute_act else b.ACT,
+            recomputed_gates=b.ACT if plan.recompute_act else None,
+            cell=b.C,
+            w_hh=b.w_hh,
+            w_ih=b.w_ih,
+            d_out=b.dOUT,
+            d_h=b.dh,
+            d_c=b.dc,
+            d_wx=b.DWX,
+            d_wh=None if b.DWH is b.DWX else b.DWH,
+            xhat_ih=b.XS,
+            d_x=b.dX,
+            grad_bias=b.grads["sum"],
+            grad_gamma_ih=b.grads.get("ih"),
+            grad_gamma_hh=b.grads.get("hh"),
+            grad_gamma_pre=b.grads.get("pre"),
+            grad_gamma_c=b.grads.get("c"),
+            grad_beta_c=b.grads.get("b_c"),
+            grad_w_ih_t=b.grads.get("w_ihT"),
         )
-
-
-def _flags(flags: list[bool]) -> Tensor:
-    """The per-step flags as uint8 (torch.frombuffer: a tenth of torch.tensor's cost)."""
-    if not flags:
-        return torch.empty(0, dtype=torch.uint8)
-    return torch.frombuffer(bytearray(flags), dtype=torch.uint8)
-
-
-def _detached(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.detach()
-
-
-def _contiguous(t: Tensor | None) -> Tensor | None:
-    """Inputs read by the loops may be views; buffers written by them are contiguous."""
-    return None if t is None else t.detach().contiguous()

@@ -5,7 +5,7 @@ The whole direction is one `torch.autograd.Function` with a hand-written backwar
 autograd records one node instead of tens per step:
 
 - forward: the recurrence (per step the GEMMs with ``W_hh`` and ``W_ih`` and fused
-  element-wise work, in the compiled ``loops.cpp``; the Python `loops` take ``W_ih x`` for
+  element-wise work, in the compiled loops (``csrc/``); the Python `loops` take ``W_ih x`` for
   all steps as one GEMM), keeping what the backward needs; then the population statistics
   of every step are tracked at once (`StepBatchNorm._track`, as `StepBatchNorm.frames`
   does);
@@ -468,7 +468,7 @@ class _Placer:
     of the buffers made here.
 
     With ``cached`` (the compiled loops loaded), buffers of CACHED_MIN bytes or more come
-    from their buffer cache (see Cache in loops.cpp: reused instead of faulted in afresh),
+    from their buffer cache (see csrc/cache.h: reused instead of faulted in afresh),
     except those made with ``escapes=True``: tensors handed to the caller (the output,
     gradients) stay ordinary, resizable tensors."""
 

@@ -2,7 +2,7 @@
 
 Two functions, `forward_loop` and `backward_loop`, run steps ``t0 <= t < t1`` of one
 direction of one layer over buffers the caller (`bnrnn.fast.direction`) allocated: the
-compiled loops in ``loops.cpp`` do exactly the same on the CPU, with the same arguments.
+compiled loops in ``csrc/`` do exactly the same on the CPU, with the same arguments.
 Everything that does not depend on the recurrence (the input GEMM, the weight gradients)
 is done outside, as one large matmul over all steps.
 
