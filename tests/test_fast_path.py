@@ -43,8 +43,8 @@ PLACEMENTS = [
 def backend(request, monkeypatch):
     """Each loop backend; the backward in chunks of 2 steps and the Python loops' no-grad
     input GEMM in chunks of 3 steps (several chunks per call)."""
-    monkeypatch.setattr(fast.direction, "MIN_CHUNK", 1)
-    monkeypatch.setattr(fast.direction, "EVAL_CHUNK", 3)
+    monkeypatch.setattr(fast.run, "MIN_CHUNK", 1)
+    monkeypatch.setattr(fast.plan, "EVAL_CHUNK", 3)
     previous = fast.get_backend()
     threads = torch.get_num_threads()
     fast.set_backend("python" if request.param == "python" else "compiled")
@@ -236,15 +236,15 @@ def test_evaluation_reads_population_rows_in_place(backend, norm, input_stats, m
         bnrnn.BNLSTM, torch.float32, norm=norm, input_stats=input_stats, max_length=5
     )
     seen: list[bool] = []
-    original = fast.direction._population_rows
+    original = fast.run._reads_in_place
 
-    def spy(cfg, key, *args):
-        result = original(cfg, key, *args)
-        if not (key == "ih" and cfg.plan.ih_seq):  # one row for all steps: always filled
+    def spy(plan, nm, *args):
+        result = original(plan, nm, *args)
+        if not nm.sequence:  # one row for all steps: always filled
             seen.append(result)
         return result
 
-    monkeypatch.setattr(fast.direction, "_population_rows", spy)
+    monkeypatch.setattr(fast.run, "_reads_in_place", spy)
     for m in (ref, fused):
         m.eval()
     for T, grad, in_place in ((5, False, True), (7, False, False), (5, True, False)):
@@ -423,7 +423,7 @@ def test_buffer_cache_reuses_and_releases(monkeypatch):
     from bnrnn.fast import compiled
 
     compiled.load()
-    monkeypatch.setattr(fast.direction, "MIN_CHUNK", 1)
+    monkeypatch.setattr(fast.run, "MIN_CHUNK", 1)
     previous = compiled.set_cache_limit(1 << 30)
     try:
         fast.empty_cache()
@@ -485,7 +485,7 @@ def test_placer_offset_is_the_exhaustive_scans():
     is the one a scan of all 64 multiples of 64 picks (the first farthest)."""
     import random
 
-    from bnrnn.fast.direction import _Placer
+    from bnrnn.fast.placer import Placer
 
     def scan(offsets):
         def gap(o):
@@ -494,7 +494,7 @@ def test_placer_offset_is_the_exhaustive_scans():
         return max(range(0, 4096, 64), key=gap) if offsets else 0
 
     rng = random.Random(3)
-    place = _Placer(torch.empty(1))
+    place = Placer(torch.empty(1))
     for _ in range(3000):
         k = rng.randint(0, 12)
         place.offsets = [
@@ -504,9 +504,9 @@ def test_placer_offset_is_the_exhaustive_scans():
 
 
 def test_weight_gradient_accumulation_matches_addmm():
-    """_add_weight_grad: out^T += a^T @ d through oneDNN (float32) and torch.mm (float64,
+    """add_weight_grad: out^T += a^T @ d through oneDNN (float32) and torch.mm (float64,
     or oneDNN disabled), against addmm."""
-    from bnrnn.fast.direction import _add_weight_grad
+    from bnrnn.fast.onednn import add_weight_grad
 
     torch.manual_seed(4)
     for dtype, onednn in ((torch.float32, True), (torch.float32, False), (torch.float64, True)):
@@ -515,8 +515,8 @@ def test_weight_gradient_accumulation_matches_addmm():
         out = start.clone()
         torch.backends.mkldnn.enabled = onednn
         try:
-            _add_weight_grad(out, a, d)
-            _add_weight_grad(out, a[:5], d[:5])
+            add_weight_grad(out, a, d)
+            add_weight_grad(out, a[:5], d[:5])
         finally:
             torch.backends.mkldnn.enabled = True
         expected = start.addmm(a.t(), d).addmm(a[:5].t(), d[:5])
@@ -526,10 +526,10 @@ def test_weight_gradient_accumulation_matches_addmm():
 def test_placer_spreads_buffers_modulo_4k():
     """Buffers the steps read together start far apart modulo 4 KiB, from each other and
     from the tensors made elsewhere (greedy farthest offsets: 8 of them are 512 B apart)."""
-    from bnrnn.fast.direction import _Placer
+    from bnrnn.fast.placer import Placer
 
     x = torch.empty(1000)
-    place = _Placer(x, x)
+    place = Placer(x, x)
     bufs = [place.new(3, 50) for _ in range(7)]
     assert all(b.shape == (3, 50) and b.is_contiguous() for b in bufs)
     offsets = [t.data_ptr() % 4096 for t in [x, *bufs]]

@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from .loops import LSTM, RNN_RELU, RNN_TANH, Buffers, Plan
+from .buffers import Buffers, GradBuffers, Params
+from .plan import NORM_KEYS, Plan
 
 SOURCES = Path(__file__).with_name("csrc")  # ops.cpp includes the headers beside it
 
@@ -104,7 +105,7 @@ def load() -> Any:
                 is_python_module=False,
                 verbose=os.environ.get("BNRNN_BUILD_VERBOSE") == "1",
             )
-            _module = _Ops()
+            _module = CompiledLoops()
         except Exception as e:  # compiler missing, ninja missing, build error
             _error = e
             raise RuntimeError(f"building the compiled fast path failed: {e}") from e
@@ -124,6 +125,45 @@ def load_or_warn() -> Any:
             )
             _warned = True
         return None
+
+
+BACKENDS = ("auto", "compiled", "python")
+_backend = "auto"
+_DTYPES = (torch.float32, torch.float64)
+
+
+def set_backend(name: str) -> None:
+    """Choose how the recurrence runs: ``"compiled"`` (the C++ loops, built at first use),
+    ``"python"`` (a Python loop over steps, any device) or ``"auto"`` (compiled on the CPU
+    for float32/float64 when the build succeeds, else Python, with a warning once). A
+    model compiled with torch.compile keeps the choice made when it was traced."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def uses_compiled(x: torch.Tensor) -> bool:
+    """Whether the compiled loops run a direction over x (else the Python loops); builds
+    them at first use. With the backend ``"compiled"``, raises where they cannot run."""
+    return _compiled_for(x.device.type, x.dtype)
+
+
+@torch.compiler.assume_constant_result
+def _compiled_for(device: str, dtype: torch.dtype) -> bool:
+    if _backend == "python" or device != "cpu" or dtype not in _DTYPES:
+        if _backend == "compiled":
+            raise RuntimeError(
+                f"the compiled fast path runs float32/float64 on the CPU, got {dtype} on {device}"
+            )
+        return False
+    if _backend == "compiled":
+        return load() is not None
+    return load_or_warn() is not None
 
 
 def set_gemm(name: str) -> bool:
@@ -173,79 +213,80 @@ def set_cache_limit(nbytes: int) -> int:
     return int(torch.ops.bnrnn_fast.set_cache_limit(nbytes))
 
 
-_KINDS = {LSTM: "lstm", RNN_TANH: "rnn_tanh", RNN_RELU: "rnn_relu"}
-NORM_KEYS = ("ih", "hh", "pre", "c")
-
-
-class _Ops:
-    """Calls the compiled loops with the arguments of `bnrnn.fast.loops`, by keyword."""
+class CompiledLoops:
+    """`forward_loop` and `backward_loop` of `bnrnn.fast.loops`, run by the compiled
+    operators: the plan's options and the buffers are passed by keyword, under the names
+    of the operators' schemas (``csrc/ops.cpp``)."""
 
     @staticmethod
-    def _common(plan: Plan, b: Buffers, t0: int, t1: int) -> dict[str, Any]:
-        kw: dict[str, Any] = dict(
-            kind=_KINDS[plan.kind],
-            batch_sizes=plan.sizes,
-            t0=t0,
-            t1=t1,
-            sequence_ih=plan.ih_seq,
-            inline_ih=plan.inline_ih,
-            step_ih=plan.step_ih,
-            recompute_act=plan.recompute_act,
-            out=b.OUT,
-            h0=b.h0,
-            c0=b.c0,
-            bias=b.bias,
-            gamma_ih=b.g_ih,
-            gamma_hh=b.g_hh,
-            gamma_pre=b.g_pre,
-            gamma_c=b.g_c,
-            beta_c=b.b_c,
-            x=b.x,
-            w_ih_t=b.w_ihT,
-        )
-        for key, eps in zip(NORM_KEYS, plan.eps):
-            kw[f"eps_{key}"] = eps
-            kw[f"mean_{key}"] = b.M.get(key)
-            kw[f"var_{key}"] = b.V.get(key)
-            kw[f"batch_steps_{key}"] = sum(b.B.get(key, ()))  # (a prefix of the steps)
+    def _common(plan: Plan, p: Params, b: Buffers, t0: int, t1: int) -> dict[str, Any]:
+        kw: dict[str, Any] = {
+            "kind": plan.kind,
+            "batch_sizes": plan.sizes,
+            "t0": t0,
+            "t1": t1,
+            "sequence_ih": plan.sequence_ih,
+            "inline_ih": plan.inline_ih,
+            "step_ih": plan.step_ih,
+            "recompute_act": plan.recompute_act,
+            "out": b.out,
+            "h0": p.h0,
+            "c0": p.c0,
+            "bias": p.bias,
+            "beta_c": p.beta_c,
+            "x": p.x,
+            "w_ih_t": p.w_ih_t,
+        }
+        for key in NORM_KEYS:
+            nm, stats = plan.norm(key), b.stats.get(key)
+            kw[f"gamma_{key}"] = p.gamma.get(key)
+            kw[f"mean_{key}"] = None if stats is None else stats.mean
+            kw[f"var_{key}"] = None if stats is None else stats.var
+            kw[f"eps_{key}"] = 0.0 if nm is None else nm.eps
+            kw[f"batch_steps_{key}"] = 0 if nm is None else nm.batch_steps
         return kw
 
-    def forward_loop(self, plan: Plan, b: Buffers, t0: int, t1: int) -> None:
+    def forward_loop(
+        self, plan: Plan, p: Params, b: Buffers, t0: int, t1: int, wx_base: int = 0
+    ) -> None:
         torch.ops.bnrnn_fast.forward_loop(
-            **self._common(plan, b, t0, t1),
-            wx=b.WX,
-            wh=b.XH,
-            gates=b.ACT,
-            cell=b.C,
-            tanh_cell=b.TC,
-            w_hh_t=b.whT,  # a view: the loops copy the columns they need
+            **self._common(plan, p, b, t0, t1),
+            wx=b.wx,
+            wh=b.wh,
+            gates=b.gates,
+            cell=b.cell,
+            tanh_cell=b.tanh_cell,
+            w_hh_t=p.w_hh_t,  # a view: the loops copy the columns they need
             save=plan.save,
             reverse=plan.reverse,
-            wx_base=plan.wx_base,
+            wx_base=wx_base,
         )
 
-    def backward_loop(self, plan: Plan, b: Buffers, t0: int, t1: int) -> None:
+    def backward_loop(
+        self, plan: Plan, p: Params, b: Buffers, g: GradBuffers, t0: int, t1: int
+    ) -> None:
+        sums = g.sums
         torch.ops.bnrnn_fast.backward_loop(
-            **self._common(plan, b, t0, t1),
-            wx=b.WX,
-            wh=b.XH if plan.has_hh else None,
-            gates=None if plan.recompute_act else b.ACT,
-            recomputed_gates=b.ACT if plan.recompute_act else None,
-            cell=b.C,
-            w_hh=b.w_hh,
-            w_ih=b.w_ih,
-            d_out=b.dOUT,
-            d_h=b.dh,
-            d_c=b.dc,
-            d_wx=b.DWX,
-            d_wh=None if b.DWH is b.DWX else b.DWH,
-            xhat_ih=b.XS,
-            d_x=b.dX,
-            grad_bias=b.grads["sum"],
-            grad_gamma_ih=b.grads.get("ih"),
-            grad_gamma_hh=b.grads.get("hh"),
-            grad_gamma_pre=b.grads.get("pre"),
-            grad_gamma_c=b.grads.get("c"),
-            grad_beta_c=b.grads.get("b_c"),
-            grad_w_ih_t=b.grads.get("w_ihT"),
+            **self._common(plan, p, b, t0, t1),
+            wx=b.wx,
+            wh=b.wh,
+            gates=b.gates,
+            recomputed_gates=g.recomputed_gates,
+            cell=b.cell,
+            w_hh=p.w_hh,
+            w_ih=p.w_ih,
+            d_out=g.d_out,
+            d_h=g.d_h,
+            d_c=g.d_c,
+            d_wx=g.d_wx,
+            d_wh=g.d_wh,
+            xhat_ih=g.xhat_ih,
+            d_x=g.d_x,
+            grad_bias=sums.bias,
+            grad_gamma_ih=sums.gamma.get("ih"),
+            grad_gamma_hh=sums.gamma.get("hh"),
+            grad_gamma_pre=sums.gamma.get("pre"),
+            grad_gamma_c=sums.gamma.get("c"),
+            grad_beta_c=sums.beta_c,
+            grad_w_ih_t=sums.w_ih_t,
         )
