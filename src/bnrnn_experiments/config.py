@@ -245,6 +245,7 @@ _CHAR_QUICK: dict[str, Any] = {
 _WORD_SMALL: dict[str, Any] = {
     # Laurent §5.2 (after Zaremba et al.): 2 layers, SGD lr 1, batch 32; small: 200 units,
     # U(-0.1, 0.1), BPTT 20, clip 10, 15 epochs, halve the lr every epoch after the 6th.
+    # As in Zaremba et al., the loss is summed over the BPTT steps (WordLM.loss_scale).
     "seq_len": 20,
     "num_layers": 2,
     "hidden_size": 200,

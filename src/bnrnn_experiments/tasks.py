@@ -40,6 +40,9 @@ class Task:
     higher_is_better: bool
     steps_per_epoch: int
     vocab_size: int = 0
+    # From the mean loss per prediction (what is logged and scored) to the loss whose
+    # gradient the optimiser follows: 1, unless a paper's setup sums over the steps.
+    loss_scale: float = 1.0
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -348,6 +351,10 @@ class WordLM(Task):
         self.splits = {k: self.vocab.encode(_subset(v, limits[k])) for k, v in words.items()}
         self.train_streams = _batchify(self.splits["train"], cfg.batch_size)  # (n, B)
         self.steps_per_epoch = (self.train_streams.shape[0] - 1) // cfg.seq_len
+        # Zaremba et al. (2014), whose setup Laurent §5.2 follows, minimise the loss summed
+        # over the BPTT steps and averaged over the batch: their lr 1 and clipping at 10 (5)
+        # apply to the gradient of seq_len times the mean loss per word.
+        self.loss_scale = float(cfg.seq_len)
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"the training set ({len(self.splits['train']):,} words) is too small for "

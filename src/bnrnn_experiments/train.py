@@ -282,7 +282,8 @@ def _train(
         batch = task.train_batch(epoch, index)
         loss, correct, count, carry = task.train_loss(net, batch, carry)
         optimizer.zero_grad(set_to_none=True)
-        (loss if weight == 1.0 else loss * weight).backward()
+        scale = weight * task.loss_scale
+        (loss if scale == 1.0 else loss * scale).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else math.inf)
         optimizer.step()
         state["step"] += 1

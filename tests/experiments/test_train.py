@@ -14,6 +14,7 @@ from harness_helpers import REAL_DATA, needs
 
 import bnrnn
 from bnrnn_experiments import rundir as rd
+from bnrnn_experiments.checkpoint import load_checkpoint, seed_everything
 from bnrnn_experiments.config import MODELS, PRESETS, TASKS, make_config
 from bnrnn_experiments.data import Vocabulary
 from bnrnn_experiments.models import BaselineLSTM
@@ -178,6 +179,24 @@ def test_word_batches_are_contiguous_streams() -> None:
     stream = task.splits["train"]
     n = len(stream) // task.cfg.batch_size
     assert torch.equal(x0[:, 1], stream[n : n + task.cfg.seq_len])
+
+
+@needs("ptb-word")
+def test_word_lm_follows_the_loss_summed_over_the_bptt_steps(tmp_path: Path) -> None:
+    """Zaremba et al. (2014) / Laurent §5.2: SGD at lr 1 on the loss summed over the BPTT
+    steps and averaged over the batch, i.e. seq_len times the logged mean loss per word."""
+    cfg = dry_config("ptb-word", "lstm", max_steps=1, clip=0.0, lr=0.5, optimizer="sgd",
+                     optim_momentum=0.0, init_range=0.1)  # fmt: skip
+    seed_everything(cfg.seed)
+    task = make_task(cfg)
+    model = task.build_model()
+    loss, *_ = task.train_loss(model, task.train_batch(0, 0), None)
+    (cfg.seq_len * loss).backward()
+    expected = {k: p.detach() - cfg.lr * p.grad for k, p in model.named_parameters()}
+    train(cfg, tmp_path / "run", quiet=True)
+    trained = load_checkpoint(tmp_path / "run" / rd.LAST)["model"]
+    for name, value in expected.items():
+        torch.testing.assert_close(trained[name], value, msg=name)
 
 
 @needs("pmnist")
