@@ -87,7 +87,7 @@ def _pair(cls, dtype, **kw):
     ref = cls(3, 20, impl="reference", dtype=dtype, **kw)
     _randomise(ref)
     fused = copy.deepcopy(ref)
-    fused.impl = "fused"
+    fused.impl = "fast"
     return ref, fused
 
 
@@ -280,7 +280,7 @@ def test_padded_full_length_and_initial_state(backend, norm, input_stats):
     )
     _randomise(ref)
     fused = copy.deepcopy(ref)
-    fused.impl = "fused"
+    fused.impl = "fast"
     x = torch.randn(8, 9, 12)
     h0 = torch.randn(2, 8, 24, requires_grad=True)
     c0 = torch.randn(2, 8, 24, requires_grad=True)
@@ -307,7 +307,7 @@ def test_input_without_gradient(backend, norm, input_stats, I, dtype):
     ref = bnrnn.BNLSTM(I, 20, norm=norm, input_stats=input_stats, impl="reference", dtype=dtype)
     _randomise(ref)
     fused = copy.deepcopy(ref)
-    fused.impl = "fused"
+    fused.impl = "fast"
     x = torch.randn(7, 5, I, dtype=dtype)
     for lengths in (None, [7, 3, 6, 7, 2]):
         r1 = _run(ref, x, True, lengths, input_grad=False)
@@ -326,7 +326,7 @@ def test_large_layer_gemm_in_panels(backend, norm):
     ref = bnrnn.BNLSTM(40, 400, norm=norm, impl="reference", max_length=4)
     _randomise(ref)
     fused = copy.deepcopy(ref)
-    fused.impl = "fused"
+    fused.impl = "fast"
     x = torch.randn(4, 3, 40)
     _compare(_run(ref, x, True), _run(fused, x, True), torch.float32)
     for m in (ref, fused):
@@ -344,7 +344,7 @@ def test_bnrnn_nonlinearity_and_lengths(backend, nonlinearity):
     ref = bnrnn.BNRNN(3, 5, nonlinearity=nonlinearity, impl="reference", dtype=torch.float64)
     _randomise(ref)
     fused = copy.deepcopy(ref)
-    fused.impl = "fused"
+    fused.impl = "fast"
     x = torch.randn(6, 4, 3, dtype=torch.float64)
     lengths = [6, 2, 5, 6]
     _compare(_run(ref, x, True, lengths), _run(fused, x, True, lengths), torch.float64)
@@ -356,7 +356,7 @@ def test_update_population_stats_and_no_grad(backend, norm):
     torch.manual_seed(3)
     ref = bnrnn.BNLSTM(3, 5, norm=norm, max_length=6, impl="reference", dtype=torch.float64)
     fused = copy.deepcopy(ref)
-    fused.impl = "fused"
+    fused.impl = "fast"
     batches = [torch.randn(6, 4, 3, dtype=torch.float64) for _ in range(3)]
     for m in (ref, fused):
         bnrnn.update_population_stats(m, batches)
@@ -374,7 +374,7 @@ def test_update_population_stats_and_no_grad(backend, norm):
 def test_backward_twice_with_retain_graph(backend):
     """The saved buffers are not consumed by the backward."""
     torch.manual_seed(4)
-    m = bnrnn.BNLSTM(3, 5, impl="fused", dtype=torch.float64)
+    m = bnrnn.BNLSTM(3, 5, impl="fast", dtype=torch.float64)
     x = torch.randn(5, 4, 3, dtype=torch.float64)
     out, _ = m(x, lengths=[5, 3, 4, 1])
     g1 = torch.autograd.grad(out.sum(), list(m.parameters()), retain_graph=True)
@@ -390,7 +390,7 @@ def test_backward_twice_with_retain_graph(backend):
 def test_gradcheck_fast_path(backend, norm, input_size, hidden):
     """gradcheck in float64 through the fast path itself (batch statistics not detached)."""
     torch.manual_seed(5)
-    m = bnrnn.BNLSTM(input_size, hidden, norm=norm, impl="fused", dtype=torch.float64)
+    m = bnrnn.BNLSTM(input_size, hidden, norm=norm, impl="fast", dtype=torch.float64)
     _randomise(m)
     m.train()
     names = [n for n, _ in m.named_parameters()]
@@ -458,9 +458,9 @@ def test_buffer_cache_reuses_and_releases(monkeypatch):
 
 
 def test_dispatch():
-    """impl="auto" and "fused" take the fast path on the CPU; "reference" does not."""
-    assert "fused" in bnrnn.rnn.IMPLS
-    m = bnrnn.BNLSTM(3, 5)
+    """impl="auto" and "fast" (and its former name "fused") take the fast path on the CPU;
+    "reference" does not."""
+    assert "fast" in bnrnn.rnn.IMPLS
     calls = []
     original = fast.fast_direction
 
@@ -470,12 +470,15 @@ def test_dispatch():
 
     fast.fast_direction = spy
     try:
-        m(torch.randn(4, 2, 3))
-        assert calls
-        calls.clear()
-        m.impl = "reference"
-        m(torch.randn(4, 2, 3))
-        assert not calls
+        for impl, expected in (
+            ("auto", True),
+            ("fast", True),
+            ("fused", True),
+            ("reference", False),
+        ):
+            calls.clear()
+            bnrnn.BNLSTM(3, 5, impl=impl)(torch.randn(4, 2, 3))
+            assert bool(calls) == expected, impl
     finally:
         fast.fast_direction = original
 

@@ -39,24 +39,30 @@ from .plan import NORM_KEYS, Plan, batch_steps, make_plan, tracked_rows
 from .replay import replay
 from .run import Inputs, Population
 
-# The differentiable inputs, in the order of the operators' first arguments.
-INPUTS = (
-    "x",
-    "h0",
-    "c0",
-    "w_ih",
-    "w_hh",
-    "bias",
-    "gamma_ih",
-    "gamma_hh",
-    "gamma_pre",
-    "gamma_c",
-    "beta_c",
-)
+
+@dataclass(frozen=True)
+class _Differentiable:
+    """The differentiable inputs of one direction: the first arguments of both operators
+    (see `DirectionArgs`)."""
+
+    x: Tensor
+    h0: Tensor
+    c0: Tensor | None
+    w_ih: Tensor
+    w_hh: Tensor
+    bias: Tensor | None
+    gamma_ih: Tensor | None
+    gamma_hh: Tensor | None
+    gamma_pre: Tensor | None
+    gamma_c: Tensor | None
+    beta_c: Tensor | None
+
+
+INPUTS = tuple(f.name for f in fields(_Differentiable))
 
 
 @dataclass(frozen=True)
-class DirectionArgs:
+class DirectionArgs(_Differentiable):
     """The arguments of ``bnrnn::direction``: one direction of one layer over a sorted,
     zero-padded batch (`bnrnn.fast.fast_direction` makes them from a layer's modules).
 
@@ -71,17 +77,6 @@ class DirectionArgs:
     20-21); save: a backward follows (keep what it reads); reverse: run x in reversed time
     (a batch with no padding, without save)."""
 
-    x: Tensor
-    h0: Tensor
-    c0: Tensor | None
-    w_ih: Tensor
-    w_hh: Tensor
-    bias: Tensor | None
-    gamma_ih: Tensor | None
-    gamma_hh: Tensor | None
-    gamma_pre: Tensor | None
-    gamma_c: Tensor | None
-    beta_c: Tensor | None
     running_mean_ih: Tensor | None
     running_var_ih: Tensor | None
     num_batches_tracked_ih: Tensor | None
@@ -162,23 +157,12 @@ _OPTIONS = tuple(f.name for f in fields(DirectionArgs) if f.kw_only)
 
 
 @dataclass(frozen=True)
-class BackwardArgs:
+class BackwardArgs(_Differentiable):
     """The arguments of ``bnrnn::direction_backward``: the forward's inputs (see
     `DirectionArgs`), its output and saved buffers (``saved``: see `_encode_saved`), the
     gradients of the output, h_n and c_n (None: zero), the options the plan depends on,
     and which of dx, dW_ih and dW_hh to compute."""
 
-    x: Tensor
-    h0: Tensor
-    c0: Tensor | None
-    w_ih: Tensor
-    w_hh: Tensor
-    bias: Tensor | None
-    gamma_ih: Tensor | None
-    gamma_hh: Tensor | None
-    gamma_pre: Tensor | None
-    gamma_c: Tensor | None
-    beta_c: Tensor | None
     output: Tensor
     saved: list[Tensor]
     grad_output: Tensor | None
