@@ -127,7 +127,14 @@ def batch_steps(sizes: tuple[int, ...] | list[int], batch: bool, sequence: bool)
         return 0
     if sequence:
         return len(sizes) if sum(sizes) >= 2 else 0
-    return next((t for t, n in enumerate(sizes) if n < 2), len(sizes))
+    return steps_of_two(sizes)
+
+
+def steps_of_two(sizes: tuple[int, ...] | list[int]) -> int:
+    """The number of first steps with two sequences or more present (sizes decrease)."""
+    if sizes[-1] >= 2:  # (the common case without a scan: every step)
+        return len(sizes)
+    return next(t for t, n in enumerate(sizes) if n < 2)
 
 
 def tracked_rows(steps: int, time_offset: int, max_length: int) -> tuple[int, int]:

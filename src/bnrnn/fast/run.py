@@ -168,7 +168,7 @@ def forward(
         tracked.update(_sequence_stats(plan, wx, b.stats["ih"], populations["ih"]))
     # Steps with batch statistics come first (batch sizes decrease); the population rows
     # of the later steps are read after tracking them, as the step-by-step reference does.
-    split = next((t for t, n in enumerate(plan.sizes) if n < 2), T)
+    split = plans.steps_of_two(plan.sizes)
     frame_keys = [key for key, nm in plan.norms() if not nm.sequence and key not in in_place]
     for t0, t1 in ((0, split), (split, T)):
         if t0 == t1:
@@ -431,7 +431,7 @@ def backward(
         "beta_c": sums.beta_c,
     }
     if plan.inline_ih and need_w_ih:
-        grads["w_ih"] = sums.w_ih_t.t()
+        grads["w_ih"] = sums.w_ih_t.t().contiguous()  # (I is small)
     for key, grad in sums.gamma.items():
         grads[f"gamma_{key}"] = grad
     return grads
