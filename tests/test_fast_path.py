@@ -44,8 +44,8 @@ PLACEMENTS = [
 def backend(request, monkeypatch):
     """Each loop backend; the backward in chunks of 2 steps and the Python loops' no-grad
     input GEMM in chunks of 3 steps (several chunks per call)."""
-    monkeypatch.setattr(fast.direction, "MIN_CHUNK", 1)
-    monkeypatch.setattr(fast.direction, "EVAL_CHUNK", 3)
+    monkeypatch.setattr(fast.run, "MIN_CHUNK", 1)
+    monkeypatch.setattr(fast.plan, "EVAL_CHUNK", 3)
     previous = fast.get_backend()
     threads = torch.get_num_threads()
     fast.set_backend("python" if request.param == "python" else "compiled")
@@ -88,7 +88,7 @@ def _pair(cls, dtype, **kw):
     ref = cls(3, 20, impl="reference", dtype=dtype, **kw)
     _randomise(ref)
     fused = copy.deepcopy(ref)
-    fused.impl = "fused"
+    fused.impl = "fast"
     return ref, fused
 
 
@@ -237,15 +237,15 @@ def test_evaluation_reads_population_rows_in_place(backend, norm, input_stats, m
         bnrnn.BNLSTM, torch.float32, norm=norm, input_stats=input_stats, max_length=5
     )
     seen: list[bool] = []
-    original = fast.direction._population_rows
+    original = fast.run._reads_in_place
 
-    def spy(cfg, key, *args):
-        result = original(cfg, key, *args)
-        if not (key == "ih" and cfg.plan.ih_seq):  # one row for all steps: always filled
+    def spy(plan, nm, *args):
+        result = original(plan, nm, *args)
+        if not nm.sequence:  # one row for all steps: always filled
             seen.append(result)
         return result
 
-    monkeypatch.setattr(fast.direction, "_population_rows", spy)
+    monkeypatch.setattr(fast.run, "_reads_in_place", spy)
     for m in (ref, fused):
         m.eval()
     for T, grad, in_place in ((5, False, True), (7, False, False), (5, True, False)):
@@ -284,10 +284,15 @@ def test_rows_past_the_last_tracked_row_are_never_read(backend, norm, input_stat
         m.train()
         m(first)
     seen: list[bool] = []
-    original = fast.direction._population_rows
-    monkeypatch.setattr(
-        fast.direction, "_population_rows", lambda *a: seen.append(original(*a)) or seen[-1]
-    )
+    original = fast.run._reads_in_place
+
+    def spy(plan, nm, *args):
+        result = original(plan, nm, *args)
+        if not nm.sequence:  # one row for all steps: always filled
+            seen.append(result)
+        return result
+
+    monkeypatch.setattr(fast.run, "_reads_in_place", spy)
     x = torch.randn(8, 6, 3, dtype=torch.float64)
     for T, offset, grad, in_place in (
         (4, 0, False, True),
@@ -343,7 +348,7 @@ def test_padded_full_length_and_initial_state(backend, norm, input_stats):
     )
     _randomise(ref)
     fused = copy.deepcopy(ref)
-    fused.impl = "fused"
+    fused.impl = "fast"
     x = torch.randn(8, 9, 12)
     h0 = torch.randn(2, 8, 24, requires_grad=True)
     c0 = torch.randn(2, 8, 24, requires_grad=True)
@@ -370,7 +375,7 @@ def test_input_without_gradient(backend, norm, input_stats, I, dtype):
     ref = bnrnn.BNLSTM(I, 20, norm=norm, input_stats=input_stats, impl="reference", dtype=dtype)
     _randomise(ref)
     fused = copy.deepcopy(ref)
-    fused.impl = "fused"
+    fused.impl = "fast"
     x = torch.randn(7, 5, I, dtype=dtype)
     for lengths in (None, [7, 3, 6, 7, 2]):
         r1 = _run(ref, x, True, lengths, input_grad=False)
@@ -389,7 +394,7 @@ def test_large_layer_gemm_in_panels(backend, norm):
     ref = bnrnn.BNLSTM(40, 400, norm=norm, impl="reference", max_length=4)
     _randomise(ref)
     fused = copy.deepcopy(ref)
-    fused.impl = "fused"
+    fused.impl = "fast"
     x = torch.randn(4, 3, 40)
     _compare(_run(ref, x, True), _run(fused, x, True), torch.float32)
     for m in (ref, fused):
@@ -407,7 +412,7 @@ def test_bnrnn_nonlinearity_and_lengths(backend, nonlinearity):
     ref = bnrnn.BNRNN(3, 5, nonlinearity=nonlinearity, impl="reference", dtype=torch.float64)
     _randomise(ref)
     fused = copy.deepcopy(ref)
-    fused.impl = "fused"
+    fused.impl = "fast"
     x = torch.randn(6, 4, 3, dtype=torch.float64)
     lengths = [6, 2, 5, 6]
     _compare(_run(ref, x, True, lengths), _run(fused, x, True, lengths), torch.float64)
@@ -419,7 +424,7 @@ def test_update_population_stats_and_no_grad(backend, norm):
     torch.manual_seed(3)
     ref = bnrnn.BNLSTM(3, 5, norm=norm, max_length=6, impl="reference", dtype=torch.float64)
     fused = copy.deepcopy(ref)
-    fused.impl = "fused"
+    fused.impl = "fast"
     batches = [torch.randn(6, 4, 3, dtype=torch.float64) for _ in range(3)]
     for m in (ref, fused):
         bnrnn.update_population_stats(m, batches)
@@ -437,7 +442,7 @@ def test_update_population_stats_and_no_grad(backend, norm):
 def test_backward_twice_with_retain_graph(backend):
     """The saved buffers are not consumed by the backward."""
     torch.manual_seed(4)
-    m = bnrnn.BNLSTM(3, 5, impl="fused", dtype=torch.float64)
+    m = bnrnn.BNLSTM(3, 5, impl="fast", dtype=torch.float64)
     x = torch.randn(5, 4, 3, dtype=torch.float64)
     out, _ = m(x, lengths=[5, 3, 4, 1])
     g1 = torch.autograd.grad(out.sum(), list(m.parameters()), retain_graph=True)
@@ -453,7 +458,7 @@ def test_backward_twice_with_retain_graph(backend):
 def test_gradcheck_fast_path(backend, norm, input_size, hidden):
     """gradcheck in float64 through the fast path itself (batch statistics not detached)."""
     torch.manual_seed(5)
-    m = bnrnn.BNLSTM(input_size, hidden, norm=norm, impl="fused", dtype=torch.float64)
+    m = bnrnn.BNLSTM(input_size, hidden, norm=norm, impl="fast", dtype=torch.float64)
     _randomise(m)
     m.train()
     names = [n for n, _ in m.named_parameters()]
@@ -486,7 +491,7 @@ def test_buffer_cache_reuses_and_releases(monkeypatch):
     from bnrnn.fast import compiled
 
     compiled.load()
-    monkeypatch.setattr(fast.direction, "MIN_CHUNK", 1)
+    monkeypatch.setattr(fast.run, "MIN_CHUNK", 1)
     previous = compiled.set_cache_limit(1 << 30)
     try:
         fast.empty_cache()
@@ -521,9 +526,9 @@ def test_buffer_cache_reuses_and_releases(monkeypatch):
 
 
 def test_dispatch():
-    """impl="auto" and "fused" take the fast path on the CPU; "reference" does not."""
-    assert "fused" in bnrnn.rnn.IMPLS
-    m = bnrnn.BNLSTM(3, 5)
+    """impl="auto" and "fast" (and its former name "fused") take the fast path on the CPU;
+    "reference" does not."""
+    assert "fast" in bnrnn.rnn.IMPLS
     calls = []
     original = fast.fast_direction
 
@@ -533,12 +538,15 @@ def test_dispatch():
 
     fast.fast_direction = spy
     try:
-        m(torch.randn(4, 2, 3))
-        assert calls
-        calls.clear()
-        m.impl = "reference"
-        m(torch.randn(4, 2, 3))
-        assert not calls
+        for impl, expected in (
+            ("auto", True),
+            ("fast", True),
+            ("fused", True),
+            ("reference", False),
+        ):
+            calls.clear()
+            bnrnn.BNLSTM(3, 5, impl=impl)(torch.randn(4, 2, 3))
+            assert bool(calls) == expected, impl
     finally:
         fast.fast_direction = original
 
@@ -548,7 +556,7 @@ def test_placer_offset_is_the_exhaustive_scans():
     is the one a scan of all 64 multiples of 64 picks (the first farthest)."""
     import random
 
-    from bnrnn.fast.direction import _Placer
+    from bnrnn.fast.placer import Placer
 
     def scan(offsets):
         def gap(o):
@@ -557,7 +565,7 @@ def test_placer_offset_is_the_exhaustive_scans():
         return max(range(0, 4096, 64), key=gap) if offsets else 0
 
     rng = random.Random(3)
-    place = _Placer(torch.empty(1))
+    place = Placer(torch.empty(1))
     for _ in range(3000):
         k = rng.randint(0, 12)
         place.offsets = [
@@ -567,9 +575,9 @@ def test_placer_offset_is_the_exhaustive_scans():
 
 
 def test_weight_gradient_accumulation_matches_addmm():
-    """_add_weight_grad: out^T += a^T @ d through oneDNN (float32) and torch.mm (float64,
+    """add_weight_grad: out^T += a^T @ d through oneDNN (float32) and torch.mm (float64,
     or oneDNN disabled), against addmm."""
-    from bnrnn.fast.direction import _add_weight_grad
+    from bnrnn.fast.onednn import add_weight_grad
 
     torch.manual_seed(4)
     for dtype, onednn in ((torch.float32, True), (torch.float32, False), (torch.float64, True)):
@@ -578,8 +586,8 @@ def test_weight_gradient_accumulation_matches_addmm():
         out = start.clone()
         torch.backends.mkldnn.enabled = onednn
         try:
-            _add_weight_grad(out, a, d)
-            _add_weight_grad(out, a[:5], d[:5])
+            add_weight_grad(out, a, d)
+            add_weight_grad(out, a[:5], d[:5])
         finally:
             torch.backends.mkldnn.enabled = True
         expected = start.addmm(a.t(), d).addmm(a[:5].t(), d[:5])
@@ -589,10 +597,10 @@ def test_weight_gradient_accumulation_matches_addmm():
 def test_placer_spreads_buffers_modulo_4k():
     """Buffers the steps read together start far apart modulo 4 KiB, from each other and
     from the tensors made elsewhere (greedy farthest offsets: 8 of them are 512 B apart)."""
-    from bnrnn.fast.direction import _Placer
+    from bnrnn.fast.placer import Placer
 
     x = torch.empty(1000)
-    place = _Placer(x, x)
+    place = Placer(x, x)
     bufs = [place.new(3, 50) for _ in range(7)]
     assert all(b.shape == (3, 50) and b.is_contiguous() for b in bufs)
     offsets = [t.data_ptr() % 4096 for t in [x, *bufs]]

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .checks import finite, momentum_value, positive_eps, positive_int, warn_user
+from .packing import present
 
 T_steps = TypeVar("T_steps", int, Tensor)
 
@@ -174,11 +175,11 @@ class StepBatchNorm(nn.Module):
             mean, var = self.running_mean[rows], self.running_var[rows]  # (T, F)
         else:
             sizes = torch.as_tensor(list(batch_sizes), device=z.device)
-            mask = (torch.arange(N, device=z.device)[None, :] < sizes[:, None]).unsqueeze(-1)
+            mask = present(batch_sizes, N, z.device).unsqueeze(-1)
             if self.syncing:
-                present = torch.where(mask, z, 0)
+                frames = torch.where(mask, z, 0)
                 batch_mean, batch_var, sizes = self._synced_moments(
-                    present.sum(1), present.square().sum(1), sizes
+                    frames.sum(1), frames.square().sum(1), sizes
                 )
             else:
                 count = sizes.clamp(min=1).to(z.dtype)[:, None]  # (T, 1)
@@ -203,19 +204,15 @@ class StepBatchNorm(nn.Module):
     def sequence(self, z: Tensor, batch_sizes: Sequence[int]) -> Tensor:
         """Sequence-wise normalisation (Laurent eq. 20-21): one mean and variance over all
         unpadded frames of ``z`` (T, N, F); statistics live in row 0."""
-        N = z.shape[1]
-        sizes = torch.as_tensor(list(batch_sizes), device=z.device)
-        mask = (torch.arange(N, device=z.device)[None, :] < sizes[:, None]).unsqueeze(-1)
-        n = int(sizes.sum())
+        n = sum(batch_sizes)
         if self.syncing:
-            present = torch.where(mask, z, 0)
+            frames = torch.where(present(batch_sizes, z.shape[1], z.device).unsqueeze(-1), z, 0)
             mean, var, count = self._synced_moments(
-                present.sum((0, 1))[None], present.square().sum((0, 1))[None], sizes.sum()[None]
+                frames.sum((0, 1))[None], frames.square().sum((0, 1))[None], z.new_tensor([n])
             )
             mean, var, n = mean[0], var[0], int(count[0])
         elif self.uses_batch_stats and n >= 2:
-            mean = torch.where(mask, z, 0).sum((0, 1)) / n
-            var = torch.where(mask, z - mean, 0).square().sum((0, 1)) / n
+            mean, var = sequence_moments(z, batch_sizes)
         if self.uses_batch_stats and n >= 2:
             self._track(torch.tensor([0]), mean.detach()[None], var.detach()[None], [n])
         else:
@@ -266,28 +263,75 @@ class StepBatchNorm(nn.Module):
             steps = torch.tensor(list(steps))
         steps = steps.to(self.running_mean.device)
         inside = steps < self.max_length
-        if not bool(inside.all()) and not self._warned_beyond:
-            warn_user(
-                f"training on step {int(steps[~inside].min())} (and any later step) beyond "
-                f"max_length={self.max_length}: batch statistics are used there and not "
-                "tracked; raise max_length to keep population statistics for these steps"
-            )
-            self._warned_beyond = True
+        if not bool(inside.all()):
+            self._warn_beyond(int(steps[~inside].min()))
         if not bool(inside.any()):
             return
         self._fold(steps[inside], mean[inside], var[inside], n[inside])
 
+    def _warn_beyond(self, step: int) -> None:
+        """Warn (once per module) that training steps from ``step`` on, beyond max_length,
+        are not tracked."""
+        if self._warned_beyond:
+            return
+        warn_user(
+            f"training on step {step} (and any later step) beyond "
+            f"max_length={self.max_length}: batch statistics are used there and not "
+            "tracked; raise max_length to keep population statistics for these steps"
+        )
+        self._warned_beyond = True
+
     def _fold(self, rows: Tensor | slice, mean: Tensor, var: Tensor, n: Tensor) -> None:
         """The population rows ``rows`` (indices, or a slice: updated in place through
         views) take in the batch statistics (k, F) of n values each."""
-        unbiased = var * (n / (n - 1))[:, None]
-        self.num_batches_tracked[rows] += 1
-        if self.momentum is None:  # cumulative average, as torch.nn.BatchNorm
-            factor = (1.0 / self.num_batches_tracked[rows].to(var.dtype))[:, None]
-        else:
-            factor = torch.full_like(n, self.momentum)[:, None]
-        self.running_mean[rows] += factor * (mean - self.running_mean[rows])
-        self.running_var[rows] += factor * (unbiased - self.running_var[rows])
+        self.running_mean[rows], self.running_var[rows], self.num_batches_tracked[rows] = (
+            folded_statistics(
+                self.running_mean[rows],
+                self.running_var[rows],
+                self.num_batches_tracked[rows],
+                mean,
+                var,
+                n,
+                self.momentum,
+            )
+        )
+
+
+def sequence_moments(z: Tensor, batch_sizes: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """The mean and biased variance (F,) of ``z`` (T, N, F) over all its unpadded frames
+    (Laurent eq. 20-21)."""
+    mask = present(batch_sizes, z.shape[1], z.device).unsqueeze(-1)
+    n = sum(batch_sizes)
+    mean = torch.where(mask, z, 0).sum((0, 1)) / n
+    var = torch.where(mask, z - mean, 0).square().sum((0, 1)) / n
+    return mean, var
+
+
+def folded_statistics(
+    mean_rows: Tensor,
+    var_rows: Tensor,
+    counts: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    n: Tensor,
+    momentum: float | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Population rows (k, F) and their counts (k,) after taking in the batch statistics
+    (k, F) of ``n`` (k,) values each (mean, biased variance): a running average with
+    ``momentum``, or the cumulative average (``None``, as torch.nn.BatchNorm); the unbiased
+    variance is kept. New tensors; the module writes them into its buffers
+    (`StepBatchNorm._fold`), the fast path returns them to its caller."""
+    unbiased = var * (n / (n - 1))[:, None]
+    counts = counts + 1
+    if momentum is None:
+        factor = (1.0 / counts.to(var.dtype))[:, None]
+    else:
+        factor = torch.full_like(n, momentum)[:, None]
+    return (
+        mean_rows + factor * (mean - mean_rows),
+        var_rows + factor * (unbiased - var_rows),
+        counts,
+    )
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -58,6 +58,18 @@ def batch_sizes_of(lengths: Tensor, T: int) -> list[int]:
     return (lengths[None, :] > torch.arange(T)[:, None]).sum(1).tolist()
 
 
+def present(batch_sizes: Sequence[int], N: int, device: torch.device | None = None) -> Tensor:
+    """(T, N) bool: sequence n is present at step t, for the N sequences sorted by
+    decreasing length (the ``batch_sizes[t]`` first rows are present at step t)."""
+    sizes = torch.as_tensor(list(batch_sizes), device=device)
+    return torch.arange(N, device=device)[None, :] < sizes[:, None]
+
+
+def lengths_of(batch_sizes: Sequence[int], N: int) -> list[int]:
+    """The length of each of the N sorted sequences, from the batch sizes."""
+    return present(batch_sizes, N).sum(0).tolist()
+
+
 def unpadded(batch_sizes: Sequence[int], N: int) -> bool:
     """Every one of the N sequences is present at every step (no padding)."""
     return all(n == N for n in batch_sizes)
@@ -120,7 +132,7 @@ def prepare_input(
     inverse[order] = torch.arange(N)
     x = x.index_select(1, order.to(x.device))
     sizes = batch_sizes_of(lens_sorted, T)
-    mask = (torch.arange(N)[None, :] < torch.tensor(sizes)[:, None]).to(x.device)
+    mask = present(sizes, N, x.device)
     x = torch.where(mask.unsqueeze(-1), x, 0)  # padding values never enter anything
     return SortedBatch(x, lens_sorted, sizes, order, inverse, None, batch_first, unbatched)
 

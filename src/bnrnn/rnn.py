@@ -21,7 +21,9 @@ from .packing import SortedBatch, prepare_input, reverse_padded, unpadded
 from .placement import build_norms, check_placement, needs_batch_of_two
 from .reference import DirectionParams, StepFn, reference_direction
 
-IMPLS = ("auto", "fused", "reference")
+IMPLS = ("auto", "fast", "reference")
+# The former name of "fast", still accepted.
+_IMPL_ALIASES = {"fused": "fast"}
 
 
 class _BNRNNBase(nn.Module):
@@ -29,7 +31,6 @@ class _BNRNNBase(nn.Module):
 
     _gates: int
     _has_cell: bool
-    _mode: str
 
     def __init__(
         self,
@@ -71,6 +72,7 @@ class _BNRNNBase(nn.Module):
             raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got {weight_init!r}")
         if finite("init_noise", init_noise) < 0:
             raise ValueError(f"init_noise must be non-negative, got {init_noise}")
+        impl = _IMPL_ALIASES.get(impl, impl)
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
@@ -284,14 +286,15 @@ class _BNRNNBase(nn.Module):
                 state: State = tuple(s[index] for s in init)
                 params = self._direction(index)
                 run = reference_direction
-                if self.impl != "reference":
-                    from . import fast  # the fused path; the reference is its test oracle
+                impl = _IMPL_ALIASES.get(self.impl, self.impl)
+                if impl != "reference":
+                    from . import fast  # the fast path; the reference is its test oracle
 
                     if fast.supports(layer_input, batch.batch_sizes, params, step):
                         run = fast.fast_direction
-                    elif self.impl == "fused":
+                    elif impl == "fast":
                         raise ValueError(
-                            "impl='fused' does not support this configuration (synchronised "
+                            "impl='fast' does not support this configuration (synchronised "
                             "statistics or a custom step); use impl='auto' or 'reference'"
                         )
                 args = (batch.batch_sizes, state, params, step, time_offset)
@@ -369,7 +372,9 @@ class BNLSTM(_BNRNNBase):
         init_noise: std of Gaussian noise added to the initial hidden state in training
             (Cooijmans §5.1).
         weight_init: ``"uniform"`` (`nn.LSTM`'s), ``"orthogonal"`` or ``"identity"``.
-        impl: ``"auto"`` or ``"reference"`` (the plain Python loop over steps).
+        impl: ``"auto"`` (the fast path where it applies, else the reference), ``"fast"``
+            (the fast path; an error where it does not apply) or ``"reference"`` (the plain
+            Python loop over steps).
         sync_stats: all-reduce batch statistics over ``process_group`` (default: the
             world) in distributed data-parallel training; see `convert_sync_batchnorm`.
 
@@ -388,7 +393,6 @@ class BNLSTM(_BNRNNBase):
 
     _gates = 4
     _has_cell = True
-    _mode = "LSTM"
 
     def _step_fn(self) -> StepFn:
         return lstm_step
@@ -412,7 +416,6 @@ class BNRNN(_BNRNNBase):
 
     _gates = 1
     _has_cell = False
-    _mode = "RNN"
 
     def __init__(
         self,

@@ -1,4 +1,5 @@
-"""Build, load and call the compiled loops (``loops.cpp``).
+"""Build, load and call the compiled loops (``csrc/``: the operators ``bnrnn_fast::forward_loop``
+and ``bnrnn_fast::backward_loop``, called by keyword).
 
 The extension is compiled at first use with `torch.utils.cpp_extension.load` (gcc and
 ninja; the ``ninja`` package from PyPI is found even outside an activated virtualenv) into
@@ -23,25 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from .loops import Buffers, Plan
+from .buffers import Buffers, GradBuffers, Params
+from .plan import NORM_KEYS, Plan
 
-SOURCE = Path(__file__).with_name("loops.cpp")
-# Order of the tensor list, shared with `enum Fwd` in loops.cpp.
-# fmt: off
-_ORDER = (
-    "WX", "XH", "ACT", "OUT", "h0", "whT", "C", "TC", "c0", "bias",
-    "g_ih", "g_hh", "g_pre", "g_c", "b_c",
-    "M_ih", "V_ih", "M_hh", "V_hh", "M_pre", "V_pre", "M_c", "V_c",
-    "B_ih", "B_hh", "B_pre", "B_c",
-    # backward
-    "dOUT", "dh", "dc", "DWX", "DWH", "w_hh",
-    "gs_sum", "gs_ih", "gs_hh", "gs_pre", "gs_c", "gs_b_c",
-    # the input projection inside the loop (Plan.inline_ih, Plan.step_ih)
-    "x", "w_ihT", "w_ih", "XS", "gs_w_ihT", "dX",
-)
-# fmt: on
+SOURCES = Path(__file__).with_name("csrc")  # ops.cpp includes the headers beside it
 
 # -fno-math-errno, -fno-trapping-math: let gcc vectorise sqrt and the branch-free exp/tanh
 # (no -ffast-math: NaN and inf keep their IEEE meaning).
@@ -78,7 +65,9 @@ def _cpu_tag() -> str:
 
 def build_name() -> str:
     h = hashlib.sha256()
-    h.update(SOURCE.read_bytes())
+    for path in sorted(SOURCES.iterdir()):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
     h.update(torch.__version__.encode())
     h.update(_cpu_tag().encode())
     h.update(" ".join(_CFLAGS + _LDFLAGS).encode())
@@ -110,13 +99,13 @@ def load() -> Any:
             _ensure_ninja_on_path()
             load_extension(
                 name=build_name(),
-                sources=[str(SOURCE)],
+                sources=[str(SOURCES / "ops.cpp")],
                 extra_cflags=_CFLAGS,
                 extra_ldflags=_LDFLAGS,
                 is_python_module=False,
                 verbose=os.environ.get("BNRNN_BUILD_VERBOSE") == "1",
             )
-            _module = _Ops()
+            _module = CompiledLoops()
         except Exception as e:  # compiler missing, ninja missing, build error
             _error = e
             raise RuntimeError(f"building the compiled fast path failed: {e}") from e
@@ -136,6 +125,45 @@ def load_or_warn() -> Any:
             )
             _warned = True
         return None
+
+
+BACKENDS = ("auto", "compiled", "python")
+_backend = "auto"
+_DTYPES = (torch.float32, torch.float64)
+
+
+def set_backend(name: str) -> None:
+    """Choose how the recurrence runs: ``"compiled"`` (the C++ loops, built at first use),
+    ``"python"`` (a Python loop over steps, any device) or ``"auto"`` (compiled on the CPU
+    for float32/float64 when the build succeeds, else Python, with a warning once). A
+    model compiled with torch.compile keeps the choice made when it was traced."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def uses_compiled(x: torch.Tensor) -> bool:
+    """Whether the compiled loops run a direction over x (else the Python loops); builds
+    them at first use. With the backend ``"compiled"``, raises where they cannot run."""
+    return _compiled_for(x.device.type, x.dtype)
+
+
+@torch.compiler.assume_constant_result
+def _compiled_for(device: str, dtype: torch.dtype) -> bool:
+    if _backend == "python" or device != "cpu" or dtype not in _DTYPES:
+        if _backend == "compiled":
+            raise RuntimeError(
+                f"the compiled fast path runs float32/float64 on the CPU, got {dtype} on {device}"
+            )
+        return False
+    if _backend == "compiled":
+        return load() is not None
+    return load_or_warn() is not None
 
 
 def set_gemm(name: str) -> bool:
@@ -185,76 +213,80 @@ def set_cache_limit(nbytes: int) -> int:
     return int(torch.ops.bnrnn_fast.set_cache_limit(nbytes))
 
 
-class _Ops:
-    """Calls the compiled loops with the arguments of `bnrnn.fast.loops`."""
+class CompiledLoops:
+    """`forward_loop` and `backward_loop` of `bnrnn.fast.loops`, run by the compiled
+    operators: the plan's options and the buffers are passed by keyword, under the names
+    of the operators' schemas (``csrc/ops.cpp``)."""
 
     @staticmethod
-    def _cfg(plan: Plan, b: Buffers) -> list[int]:
-        return [
-            plan.kind,
-            int(plan.has_ih),
-            int(plan.ih_seq),
-            int(plan.has_hh),
-            int(plan.has_pre),
-            int(plan.has_c),
-            int(plan.save),
-            plan.H,
-            plan.G,
-            b.OUT.shape[1],
-            int(plan.inline_ih),
-            plan.wx_base,
-            int(plan.step_ih),
-            int(plan.reverse),
-            int(plan.recompute_act),
-        ]
-
-    @staticmethod
-    def _tensors(plan: Plan, b: Buffers, backward: bool) -> list[Tensor | None]:
-        ts: dict[str, Tensor | None] = {
-            name: getattr(b, name, None)
-            for name in ("WX", "XH", "ACT", "OUT", "h0", "C", "TC", "c0", "bias")
+    def _common(plan: Plan, p: Params, b: Buffers, t0: int, t1: int) -> dict[str, Any]:
+        kw: dict[str, Any] = {
+            "kind": plan.kind,
+            "batch_sizes": plan.sizes,
+            "t0": t0,
+            "t1": t1,
+            "sequence_ih": plan.sequence_ih,
+            "inline_ih": plan.inline_ih,
+            "step_ih": plan.step_ih,
+            "recompute_act": plan.recompute_act,
+            "out": b.out,
+            "h0": p.h0,
+            "c0": p.c0,
+            "bias": p.bias,
+            "beta_c": p.beta_c,
+            "x": p.x,
+            "w_ih_t": p.w_ih_t,
         }
-        ts.update(g_ih=b.g_ih, g_hh=b.g_hh, g_pre=b.g_pre, g_c=b.g_c, b_c=b.b_c)
-        ts.update(x=b.x, w_ihT=b.w_ihT, w_ih=b.w_ih, XS=b.XS, dX=b.dX)
-        for key in ("ih", "hh", "pre", "c"):
-            ts[f"M_{key}"] = b.M.get(key)
-            ts[f"V_{key}"] = b.V.get(key)
-            flags = b.B.get(key)
-            ts[f"B_{key}"] = None if flags is None else _flags(flags)
-        if backward:  # the backward multiplies by W_hh itself
-            ts.update(dOUT=b.dOUT, dh=b.dh, dc=b.dc, DWX=b.DWX, DWH=b.DWH, w_hh=b.w_hh)
-            for key in ("sum", "ih", "hh", "pre", "c", "b_c", "w_ihT"):
-                ts[f"gs_{key}"] = b.grads.get(key)
-        else:
-            ts["whT"] = b.whT
-        # W_hh^T goes as the view it is (the loops copy the columns they need)
-        return [
-            _detached(ts.get(name)) if name == "whT" else _contiguous(ts.get(name))
-            for name in _ORDER
-        ]
+        for key in NORM_KEYS:
+            nm, stats = plan.norm(key), b.stats.get(key)
+            kw[f"gamma_{key}"] = p.gamma.get(key)
+            kw[f"mean_{key}"] = None if stats is None else stats.mean
+            kw[f"var_{key}"] = None if stats is None else stats.var
+            kw[f"eps_{key}"] = 0.0 if nm is None else nm.eps
+            kw[f"batch_steps_{key}"] = 0 if nm is None else nm.batch_steps
+        return kw
 
-    def forward_loop(self, plan: Plan, b: Buffers, t0: int, t1: int) -> None:
+    def forward_loop(
+        self, plan: Plan, p: Params, b: Buffers, t0: int, t1: int, wx_base: int = 0
+    ) -> None:
         torch.ops.bnrnn_fast.forward_loop(
-            self._cfg(plan, b), list(plan.eps), plan.sizes, self._tensors(plan, b, False), t0, t1
+            **self._common(plan, p, b, t0, t1),
+            wx=b.wx,
+            wh=b.wh,
+            gates=b.gates,
+            cell=b.cell,
+            tanh_cell=b.tanh_cell,
+            w_hh_t=p.w_hh_t,  # a view: the loops copy the columns they need
+            save=plan.save,
+            reverse=plan.reverse,
+            wx_base=wx_base,
         )
 
-    def backward_loop(self, plan: Plan, b: Buffers, t0: int, t1: int) -> None:
+    def backward_loop(
+        self, plan: Plan, p: Params, b: Buffers, g: GradBuffers, t0: int, t1: int
+    ) -> None:
+        sums = g.sums
         torch.ops.bnrnn_fast.backward_loop(
-            self._cfg(plan, b), list(plan.eps), plan.sizes, self._tensors(plan, b, True), t0, t1
+            **self._common(plan, p, b, t0, t1),
+            wx=b.wx,
+            wh=b.wh,
+            gates=b.gates,
+            recomputed_gates=g.recomputed_gates,
+            cell=b.cell,
+            w_hh=p.w_hh,
+            w_ih=p.w_ih,
+            d_out=g.d_out,
+            d_h=g.d_h,
+            d_c=g.d_c,
+            d_wx=g.d_wx,
+            d_wh=g.d_wh,
+            xhat_ih=g.xhat_ih,
+            d_x=g.d_x,
+            grad_bias=sums.bias,
+            grad_gamma_ih=sums.gamma.get("ih"),
+            grad_gamma_hh=sums.gamma.get("hh"),
+            grad_gamma_pre=sums.gamma.get("pre"),
+            grad_gamma_c=sums.gamma.get("c"),
+            grad_beta_c=sums.beta_c,
+            grad_w_ih_t=sums.w_ih_t,
         )
-
-
-def _flags(flags: list[bool]) -> Tensor:
-    """The per-step flags as uint8 (torch.frombuffer: a tenth of torch.tensor's cost)."""
-    if not flags:
-        return torch.empty(0, dtype=torch.uint8)
-    return torch.frombuffer(bytearray(flags), dtype=torch.uint8)
-
-
-def _detached(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.detach()
-
-
-def _contiguous(t: Tensor | None) -> Tensor | None:
-    """Inputs read by the loops may be views; buffers written by them are contiguous."""
-    return None if t is None else t.detach().contiguous()

@@ -1,0 +1,209 @@
+"""The plan of one call of the fast path: every decision about how one direction runs,
+made once per call from the shapes and the options (`make_plan`) and frozen; the tensors
+the call fills are apart (`bnrnn.fast.buffers`).
+
+Notation: T steps, N sequences sorted by decreasing length (the ``sizes[t]`` first rows are
+present at step t), H hidden units, G = gates * H (LSTM 4 gates, RNN 1), I input features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+# The kinds of recurrence (the compiled loops' ``kind``).
+LSTM, RNN_TANH, RNN_RELU = "lstm", "rnn_tanh", "rnn_relu"
+
+# The BN placements of a direction, by key: what each normalises. Every per-BN argument of
+# the operators and every per-BN field below follows this table (``mean_<key>``, ...).
+NORMS = {
+    "ih": "W_ih x (Cooijmans eq. 6, Laurent eq. 18)",
+    "hh": "W_hh h (Cooijmans eq. 6)",
+    "pre": "W_hh h + W_ih x, the whole pre-activation (Laurent eq. 17)",
+    "c": "the cell c_t (Cooijmans eq. 8)",
+}
+NORM_KEYS = tuple(NORMS)
+
+# Up to this input size the compiled loops compute W_ih x_t inside each step (sequential
+# MNIST has one input): a (T, N, G) buffer and a GEMM with K = 1 cost more than the step.
+INLINE_MAX_INPUT = 8
+# Steps per W_ih x GEMM in a forward without backward (Python loops).
+EVAL_CHUNK = 32
+
+
+@dataclass(frozen=True)
+class NormPlan:
+    """One BN of the direction in this call. ``batch_steps``: steps [0, batch_steps) have
+    batch statistics (the sequences present decrease, so they come first), computed by
+    the loops; the later steps read population rows. ``sequence``: one statistic over all
+    unpadded frames (Laurent eq. 20-21), computed before the loops; ``batch_steps`` is then
+    T (from the batch) or 0 (the population row)."""
+
+    eps: float
+    batch_steps: int
+    sequence: bool = False
+
+    def batch_at(self, t: int) -> bool:
+        """Whether the loops compute step t's batch statistics."""
+        return not self.sequence and t < self.batch_steps
+
+
+@dataclass(frozen=True)
+class Plan:
+    kind: str  # LSTM, RNN_TANH or RNN_RELU
+    sizes: tuple[int, ...]  # (T,) sequences present at each step
+    N: int
+    H: int
+    G: int
+    I: int
+    ih: NormPlan | None  # the BNs present (see NORMS)
+    hh: NormPlan | None
+    pre: NormPlan | None
+    c: NormPlan | None
+    save: bool  # a backward follows: keep what it reads
+    compiled: bool  # the compiled loops run it (else the Python loops)
+    # Wider input than hidden: recomputing W_ih x in the backward would cost more than the
+    # step's own W_hh h; keep xhat_ih instead (one (T, N, G) buffer).
+    keep_ih: bool
+    # compiled loops only: W_ih x_t computed inside the step from x (small input sizes)
+    inline_ih: bool
+    # compiled loops only: W_ih x_t computed at each step into a one-step wx, by each block
+    # for its own columns, forward and backward
+    step_ih: bool
+    # compiled loops only, without a backward: x and the output run in reversed time (the
+    # reverse direction of a batch with no padding, without flipping x and the output)
+    reverse: bool
+    # compiled loops only, LSTM with BN of both W_ih x and W_hh h, or of the pre-activation:
+    # the gate activations are one step, and the backward recomputes them
+    recompute_act: bool
+
+    @property
+    def T(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def lstm(self) -> bool:
+        return self.kind == LSTM
+
+    @property
+    def sequence_ih(self) -> bool:
+        """BN of W_ih x with one statistic over all frames (Laurent eq. 20-21)."""
+        return self.ih is not None and self.ih.sequence
+
+    @property
+    def keep_wx(self) -> bool:
+        """wx (normalised) is kept for the backward: it holds xhat of the whole
+        pre-activation, or sequence-wise statistics need all steps at once, or the input
+        is wide (keep_ih)."""
+        return self.save and (self.pre is not None or self.sequence_ih or self.keep_ih)
+
+    @property
+    def eval_chunks(self) -> bool:
+        """The Python loops' forward without a backward takes W_ih x EVAL_CHUNK steps at a
+        time (one GEMM per chunk), not all steps at once."""
+        return (
+            not self.save
+            and not (self.inline_ih or self.step_ih or self.sequence_ih)
+            and self.T > EVAL_CHUNK
+        )
+
+    def norm(self, key: str) -> NormPlan | None:
+        return getattr(self, key)
+
+    def norms(self) -> Iterator[tuple[str, NormPlan]]:
+        """The BNs present, as (key, plan)."""
+        for key in NORM_KEYS:
+            nm = getattr(self, key)
+            if nm is not None:
+                yield key, nm
+
+
+def batch_steps(sizes: tuple[int, ...] | list[int], batch: bool, sequence: bool) -> int:
+    """The steps with batch statistics (the first ones) of a BN that uses batch statistics
+    (``batch``): a step with fewer than two sequences present has no batch variance and
+    reads the population row; sequence-wise statistics (one for all frames) are from the
+    batch (all T steps) if it has two frames or more."""
+    if not batch:
+        return 0
+    if sequence:
+        return len(sizes) if sum(sizes) >= 2 else 0
+    return steps_of_two(sizes)
+
+
+def steps_of_two(sizes: tuple[int, ...] | list[int]) -> int:
+    """The number of first steps with two sequences or more present (sizes decrease)."""
+    if sizes[-1] >= 2:  # (the common case without a scan: every step)
+        return len(sizes)
+    return next(t for t, n in enumerate(sizes) if n < 2)
+
+
+def tracked_rows(steps: int, time_offset: int, max_length: int) -> tuple[int, int]:
+    """(first row, number of rows) of the population rows that the first ``steps`` steps
+    from ``time_offset`` update: those within max_length (later steps are not tracked)."""
+    return min(time_offset, max_length), max(0, min(steps, max_length - time_offset))
+
+
+def make_plan(
+    kind: str,
+    sizes: tuple[int, ...],
+    shape: tuple[int, int, int],
+    H: int,
+    G: int,
+    norms: dict[str, tuple[float, bool]],
+    sequence_ih: bool,
+    save: bool,
+    compiled: bool,
+    reverse: bool,
+) -> Plan:
+    """The plan of one call over x of ``shape`` (T, N, I). ``norms``: for each BN present,
+    (eps, whether it uses batch statistics: training, or collecting population
+    statistics)."""
+    T, N, I = shape
+
+    def norm(key: str) -> NormPlan | None:
+        if key not in norms:
+            return None
+        eps, batch = norms[key]
+        sequence = key == "ih" and sequence_ih
+        return NormPlan(eps, batch_steps(sizes, batch, sequence), sequence)
+
+    ih, hh, pre, c = (norm(key) for key in NORM_KEYS)
+    lstm = kind == LSTM
+    keep_ih = ih is not None and I > H
+    sequence = ih is not None and ih.sequence
+    # Cooijmans eq. 6 and Laurent eq. 17 in the compiled loops: the backward recomputes the
+    # gate activations from xhat_hh (kept) and xhat_ih (kept or recomputed), or from
+    # xhat_pre (kept), instead of keeping a (T, N, G) buffer of them: fresh memory is dear.
+    recompute_act = compiled and lstm and ((ih is not None and hh is not None) or pre is not None)
+    # ("preactivation" keeps xhat of the whole pre-activation in wx for the backward)
+    inline_ih = (
+        compiled
+        and I <= INLINE_MAX_INPUT
+        and not ((pre is not None or keep_ih) and save)
+        and not sequence
+    )
+    keep_wx = save and (pre is not None or sequence or keep_ih)
+    # The backward keeps W_ih x (normalised) only for "preactivation", sequence-wise
+    # statistics and inputs wider than H; otherwise it recomputes xhat_ih. Then the compiled
+    # loops compute W_ih x_t at each step, forward and backward, each block its own columns
+    # (read back from L1/L2; one GEMM per chunk of steps was no faster).
+    step_ih = compiled and not inline_ih and not sequence and not keep_wx
+    return Plan(
+        kind=kind,
+        sizes=sizes,
+        N=N,
+        H=H,
+        G=G,
+        I=I,
+        ih=ih,
+        hh=hh,
+        pre=pre,
+        c=c,
+        save=save,
+        compiled=compiled,
+        keep_ih=keep_ih,
+        inline_ih=inline_ih,
+        step_ih=step_ih,
+        reverse=reverse,
+        recompute_act=recompute_act,
+    )
