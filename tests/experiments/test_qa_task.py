@@ -16,7 +16,7 @@ from bnrnn_experiments.checkpoint import load_checkpoint
 from bnrnn_experiments.cli import main
 from bnrnn_experiments.compare import compare
 from bnrnn_experiments.config import make_config
-from bnrnn_experiments.qa.presets import QA_MODELS
+from bnrnn_experiments.qa.presets import READER_MODELS
 from bnrnn_experiments.tasks import make_task
 from bnrnn_experiments.train import train
 
@@ -67,7 +67,7 @@ def test_paper_presets() -> None:
     assert make_config("cnn-qa", "lstm", "paper").relevant_sentences == 4
     # quick: one learning rate and batch size for all five models
     quick = {(make_config("ptb-cloze", m, "quick").lr, make_config("ptb-cloze", m).batch_size)
-             for m in QA_MODELS}  # fmt: skip
+             for m in READER_MODELS}  # fmt: skip
     assert len(quick) == 1
 
 
@@ -100,7 +100,7 @@ def _check_run(run_dir: Path, cfg, results: dict) -> None:
 
 
 @needs_ptb
-@pytest.mark.parametrize("model", QA_MODELS)
+@pytest.mark.parametrize("model", READER_MODELS)
 def test_dry_run_ptb_cloze(model: str, tmp_path: Path) -> None:
     cfg = make_config("ptb-cloze", model, "quick", dry_run=True, data_dir=str(REAL_DATA))
     results = train(cfg, tmp_path / "run", quiet=True)
