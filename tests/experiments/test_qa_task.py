@@ -177,9 +177,9 @@ def test_diagnostics_see_every_normalised_term(tmp_path: Path) -> None:
     out = tmp_path / "diag.json"
     sizes = ["hidden_size=8", "embed_size=8", "batch_size=8", "train_subset=64",
              "valid_subset=16", "pop_batches=2", f"data_dir={REAL_DATA}"]  # fmt: skip
-    args = ["ptb-cloze", "--models", "lstm,bn-e**", "--steps", "2", "--at", "1", "--probe", "16",
-            "--grad-batches", "2", "--out", str(out)]  # fmt: skip
-    args += [a for s in sizes for a in ("--set", s)]
+    common = ["ptb-cloze", "--models", "lstm,bn-e**", "--out", str(out)]
+    common += [a for s in sizes for a in ("--set", s)]
+    args = [*common, "--steps", "2", "--at", "1", "--probe", "16", "--grad-batches", "2"]
     assert diagnostics.main(args) == 0
     report = json.loads(out.read_text())
     assert report["command"].endswith(" ".join(args))
@@ -213,6 +213,11 @@ def test_diagnostics_see_every_normalised_term(tmp_path: Path) -> None:
     assert bn["at"]["0"]["relative_change"]["doc_encoder"] == 0
     assert bn["at"]["2"]["relative_change"]["doc_encoder"] > 0
     assert "probe_eval_reestimated" in bn and "probe_eval_reestimated" not in lstm
+    assert all(r["cpu_ms"] > 0 and r["wall_ms"] > 0 for r in bn["train"])
+    # --time-steps: only the step times
+    assert diagnostics.main([*common, "--time-steps", "1"]) == 0
+    times = json.loads(out.read_text())["lstm"]
+    assert set(times) == {"wall_ms", "cpu_ms"} and times["cpu_ms"] > 0
 
 
 def test_diagnostic_interventions() -> None:
@@ -225,10 +230,18 @@ def test_diagnostic_interventions() -> None:
     doc_len, q_len = torch.tensor([9, 4, 7, 2, 9, 3]), torch.tensor([3, 5, 1, 4, 2, 5])
     ones = torch.ones(9, 6, dtype=torch.long)
     batch = QABatch(ones, doc_len, ones[:5], q_len, ones[:6, :4].bool(), ones[0] * 0)
-    cut = Interventions(min_rows=3).batch(batch)
+    cut = Interventions(min_rows=3).batch(batch, 3)
     assert cut.document.shape[0] == 7 and cut.doc_lengths.tolist() == [7, 4, 7, 2, 7, 3]
     assert cut.query.shape[0] == 4 and cut.query_lengths.tolist() == [3, 4, 1, 4, 2, 4]
-    assert Interventions().batch(batch) is batch
+    assert Interventions().batch(batch, 3) is batch
+    # the most frequent candidate (entity k has id 3 + k; padding is not counted; ties:
+    # the first to occur): column 0 holds entities 2, 1, 1, 2 -> 2 (first of the tie),
+    # column 1 entities 0, 3, 3 and padding 0s -> 3, column 2 only the non-candidate 1 -> 0
+    document = torch.tensor([[5, 3, 4], [4, 6, 9], [4, 6, 9], [5, 3, 9]])
+    doc = QABatch(document, torch.tensor([4, 3, 2]), ones[:2, :3], torch.tensor([2, 2, 2]),
+                  torch.tensor([[1, 1, 1, 0], [1, 0, 0, 1], [1, 0, 1, 0]]).bool(),
+                  torch.tensor([0, 0, 2]))  # fmt: skip
+    assert Interventions(answer="most-frequent").relabel(doc, 3).answer.tolist() == [2, 3, 0]
     model = AttentiveReader(20, 4, "bn-e**", embed_size=6, hidden_size=5)
     Interventions(freeze=r"attend_g\.bn_.\.weight", zero=r"^output\.").apply(model)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}

@@ -28,11 +28,15 @@ updates) is measured on fixed data, without changing it (buffers are restored):
 The training loss, gradient norm before clipping and learning rate applied are recorded at
 every step. Writes everything to ``--out`` (JSON) and prints a summary.
 
+``--time-steps N`` only times N training steps of each model (wall and CPU time).
+
 Interventions, to test a cause by removing it (`Interventions`): ``--freeze REGEX`` keeps
 the matching parameters at their initial values, ``--zero REGEX`` starts them at zero,
 ``--min-rows K`` cuts every training batch's documents and queries to the K-th longest of
 the batch, so that every step has at least K sequences for its frame-wise statistics (the
-longest K-1 lose their last tokens).
+longest K-1 lose their last tokens); ``--answer most-frequent`` replaces every answer
+(training batches and the probe) by the candidate occurring most often in its document, an
+easier task that the plain LSTM reader learns within a few hundred steps.
 """
 
 from __future__ import annotations
@@ -344,6 +348,7 @@ class Interventions:
     freeze: str = ""  # regex of parameter names kept at their initial values
     zero: str = ""  # regex of parameter names initialised to zero
     min_rows: int = 0  # cut each training batch to its min_rows-th longest sequence
+    answer: str = "task"  # "most-frequent": the answer is the most frequent candidate
 
     def apply(self, model: nn.Module) -> None:
         with torch.no_grad():
@@ -353,7 +358,9 @@ class Interventions:
                 if self.freeze and re.search(self.freeze, name):
                     p.requires_grad_(False)
 
-    def batch(self, batch: QABatch) -> QABatch:
+    def batch(self, batch: QABatch, entity_offset: int) -> QABatch:
+        """A training batch: cut (``min_rows``) and relabelled (`relabel`)."""
+        batch = self.relabel(batch, entity_offset)
         if self.min_rows < 1:
             return batch
         T_d = int(batch.doc_lengths.sort(descending=True).values[self.min_rows - 1])
@@ -365,6 +372,65 @@ class Interventions:
             query=batch.query[:T_q],
             query_lengths=batch.query_lengths.clamp(max=T_q),
         )
+
+    def relabel(self, batch: QABatch, entity_offset: int) -> QABatch:
+        """``answer="most-frequent"``: each answer becomes the candidate occurring most
+        often in its document (ties: the first to occur), a task that needs counting, not
+        reading the query (a probe of whether the reader learns at all)."""
+        if self.answer == "task":
+            return batch
+        T, N = batch.document.shape
+        E = batch.candidates.shape[1]
+        ids = batch.document - entity_offset  # (T, N): entity numbers where in [0, E)
+        present = torch.arange(T)[:, None] < batch.doc_lengths[None, :]
+        hit = (ids >= 0) & (ids < E) & present
+        index = ids.clamp(0, E - 1).t()  # (N, T)
+        counts = torch.zeros(N, E).scatter_add_(1, index, hit.t().float())
+        steps = torch.where(hit, torch.arange(T)[:, None], T).t()
+        first = torch.full((N, E), T).scatter_reduce_(1, index, steps, "amin")
+        key = torch.where(batch.candidates, counts * (T + 1) - first, float("-inf"))
+        return replace(batch, answer=key.argmax(1))
+
+
+def _train_step(
+    cfg: Config,
+    task: Any,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    step: int,
+    change: Interventions,
+) -> dict[str, Any]:
+    """Training step ``step`` (0-based) as `bnrnn train` takes it; its record: loss,
+    accuracy, gradient norm before clipping, the learning rate applied, wall and CPU time
+    (milliseconds; CPU time is that of this process, less sensitive to a busy machine)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    epoch, index = divmod(step, task.steps_per_epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(cfg, epoch)
+    batch = change.batch(task.train_batch(epoch, index), model.entity_offset)
+    loss, correct, count, _ = task.train_loss(model, batch, None)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else math.inf)
+    optimizer.step()
+    return {"step": step + 1, "loss": loss.item(), "acc": 100 * correct / count,
+            "grad_norm": float(norm), "lr": optimizer.param_groups[0]["lr"],
+            "wall_ms": 1000 * (time.perf_counter() - t0),
+            "cpu_ms": 1000 * (time.process_time() - c0)}  # fmt: skip
+
+
+def step_times(cfg: Config, steps: int, warmup: int = 2) -> dict[str, float]:
+    """Wall and CPU milliseconds per training step of ``cfg``'s reader, the mean over
+    ``steps`` steps after ``warmup`` (nothing measured, no evaluation)."""
+    seed_everything(cfg.seed)
+    task = make_task(cfg)
+    model = task.build_model().train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, params)
+    records = [_train_step(cfg, task, model, optimizer, params, i, Interventions())
+               for i in range(warmup + steps)][warmup:]  # fmt: skip
+    return {key: sum(r[key] for r in records) / steps for key in ("wall_ms", "cpu_ms")}
 
 
 def diagnose(
@@ -384,8 +450,10 @@ def diagnose(
     change.apply(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
+    offset = model.entity_offset
     probe = make_batch(task.splits["valid"][:probe_size], task.vocab, task.num_entities)
-    fixed = [change.batch(task.train_batch(0, i))
+    probe = change.relabel(probe, offset)
+    fixed = [change.batch(task.train_batch(0, i), offset)
              for i in range(min(grad_batches, task.steps_per_epoch))]  # fmt: skip
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     result: dict[str, Any] = {
@@ -397,29 +465,14 @@ def diagnose(
         "train": [],
     }
     model.train()
-    t_train = 0.0
     for step in range(steps + 1):
         if step in at:
             t0 = time.perf_counter()
             result["at"][str(step)] = measure(task, model, probe, fixed, start)
             log(f"| {cfg.model}: measured at step {step} ({time.perf_counter() - t0:.0f} s)")
-        if step == steps:
-            break
-        t0 = time.perf_counter()
-        epoch, index = divmod(step, task.steps_per_epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(cfg, epoch)
-        batch = change.batch(task.train_batch(epoch, index))
-        loss, correct, count, _ = task.train_loss(model, batch, None)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else math.inf)
-        optimizer.step()
-        t_train += time.perf_counter() - t0
-        result["train"].append({"step": step + 1, "loss": loss.item(), "acc": 100 * correct / count,
-                                "grad_norm": float(norm),
-                                "lr": optimizer.param_groups[0]["lr"]})  # fmt: skip
-    result["ms_per_step"] = 1000.0 * t_train / max(steps, 1)
+        if step < steps:
+            result["train"].append(_train_step(cfg, task, model, optimizer, params, step, change))
+    result["ms_per_step"] = sum(r["wall_ms"] for r in result["train"]) / max(steps, 1)
     if any(isinstance(m, StepBatchNorm) for m in model.modules()):
         reestimated = copy.deepcopy(model)
         n = bnrnn.update_population_stats(reestimated, *task.pop_stats_batches(cfg.pop_batches))
@@ -524,6 +577,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="initialise the matching parameters to zero")  # fmt: skip
     p.add_argument("--min-rows", type=int, default=0, metavar="K",
                    help="cut training batches to their K-th longest sequence")  # fmt: skip
+    p.add_argument("--answer", default="task", choices=("task", "most-frequent"),
+                   help="most-frequent: answers are the most frequent candidates")  # fmt: skip
+    p.add_argument("--time-steps", type=int, default=0, metavar="N",
+                   help="only time N training steps of each model (after 2)")  # fmt: skip
     p.add_argument("--out", help="JSON file for all measurements")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -542,10 +599,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
         cfg = make_config(args.task, model, args.preset, **overrides)
-        change = Interventions(args.freeze, args.zero, args.min_rows)
-        r = diagnose(cfg, at, args.probe, args.grad_batches, change=change)
-        report[model] = r
-        print(summary(model, r), flush=True)
+        if args.time_steps:
+            report[model] = step_times(cfg, args.time_steps)
+            t = report[model]
+            print(f"| {model}: {t['wall_ms']:.0f} ms/step wall, {t['cpu_ms']:.0f} ms CPU "
+                  f"(batch {cfg.batch_size}, hidden {cfg.hidden_size})", flush=True)  # fmt: skip
+        else:
+            change = Interventions(args.freeze, args.zero, args.min_rows, args.answer)
+            report[model] = diagnose(cfg, at, args.probe, args.grad_batches, change=change)
+            print(summary(model, report[model]), flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return 0
