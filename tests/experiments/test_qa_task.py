@@ -214,6 +214,7 @@ def test_diagnostics_see_every_normalised_term(tmp_path: Path) -> None:
     assert bn["at"]["2"]["relative_change"]["doc_encoder"] > 0
     assert "probe_eval_reestimated" in bn and "probe_eval_reestimated" not in lstm
     assert all(r["cpu_ms"] > 0 and r["wall_ms"] > 0 for r in bn["train"])
+    assert 0 < bn["few_rows"]["doc_steps_below_8"] < 1
     # --time-steps: only the step times
     assert diagnostics.main([*common, "--time-steps", "1"]) == 0
     times = json.loads(out.read_text())["lstm"]
@@ -224,7 +225,7 @@ def test_diagnostic_interventions() -> None:
     """--min-rows K leaves at least K sequences at every step; --freeze and --zero act on
     the parameters their pattern names, and only on those."""
     from bnrnn_experiments.qa.batching import QABatch
-    from bnrnn_experiments.qa.diagnostics import Interventions
+    from bnrnn_experiments.qa.diagnostics import Interventions, few_rows
     from bnrnn_experiments.qa.model import AttentiveReader
 
     doc_len, q_len = torch.tensor([9, 4, 7, 2, 9, 3]), torch.tensor([3, 5, 1, 4, 2, 5])
@@ -234,6 +235,10 @@ def test_diagnostic_interventions() -> None:
     assert cut.document.shape[0] == 7 and cut.doc_lengths.tolist() == [7, 4, 7, 2, 7, 3]
     assert cut.query.shape[0] == 4 and cut.query_lengths.tolist() == [3, 4, 1, 4, 2, 4]
     assert Interventions().batch(batch, 3) is batch
+    # present per step: documents 6 6 5 4 3 3 3 2 2, queries 6 5 4 3 2
+    expected = {"doc_steps_below_3": 2 / 9, "doc_steps_below_4": 5 / 9,
+                "query_steps_below_3": 1 / 5, "query_steps_below_4": 2 / 5}  # fmt: skip
+    assert few_rows([batch], k=3) == expected
     # the most frequent candidate (entity k has id 3 + k; padding is not counted; ties:
     # the first to occur): column 0 holds entities 2, 1, 1, 2 -> 2 (first of the tie),
     # column 1 entities 0, 3, 3 and padding 0s -> 3, column 2 only the non-candidate 1 -> 0

@@ -392,6 +392,24 @@ class Interventions:
         return replace(batch, answer=key.argmax(1))
 
 
+def few_rows(batches: Sequence[QABatch], k: int = 8) -> dict[str, float]:
+    """How much of the reading happens with fewer than ``k`` sequences present: the
+    fraction of the document and query steps of ``batches`` with fewer than ``k`` rows
+    (and with fewer than 4), where a frame-wise statistic is over that few values."""
+    out = {}
+    for part in ("doc", "query"):
+        steps, below_k, below_4 = 0, 0, 0
+        for b in batches:
+            lengths = b.doc_lengths if part == "doc" else b.query_lengths
+            present = (lengths[None, :] > torch.arange(int(lengths.max()))[:, None]).sum(1)
+            steps += len(present)
+            below_k += int((present < k).sum())
+            below_4 += int((present < 4).sum())
+        out[f"{part}_steps_below_{k}"] = below_k / steps
+        out[f"{part}_steps_below_4"] = below_4 / steps
+    return out
+
+
 def _train_step(
     cfg: Config,
     task: Any,
@@ -461,6 +479,12 @@ def diagnose(
         "interventions": asdict(change),
         "parameters": sum(p.numel() for p in params),
         "fast_vs_reference_grad": _fast_vs_reference(task, model, fixed[0]),
+        "few_rows": few_rows(
+            [
+                change.batch(task.train_batch(0, i), offset)
+                for i in range(min(100, task.steps_per_epoch))
+            ]
+        ),  # fmt: skip
         "at": {},
         "train": [],
     }
@@ -493,7 +517,10 @@ def summary(model: str, r: dict[str, Any]) -> str:
     """Text tables of one model's measurements."""
     lines = [f"== {model}: {r['parameters']:,} parameters, {r['ms_per_step']:.0f} ms/step; "
              f"fast vs reference gradients: {_fmt(r['fast_vs_reference_grad'])}"]  # fmt: skip
-    changed = {k: v for k, v in r.get("interventions", {}).items() if v}
+    if "few_rows" in r:
+        lines.append("   steps with few sequences (first 100 batches): " + ", ".join(
+            f"{k} {100 * v:.0f}%" for k, v in r["few_rows"].items()))  # fmt: skip
+    changed = {k: v for k, v in r.get("interventions", {}).items() if v and v != "task"}
     if changed:
         lines.append(f"   interventions: {changed}")
     train, clip = r["train"], r["config"]["clip"]
