@@ -28,24 +28,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import naming
+from .errors import CheckpointError, naming
 
 TMP_PREFIX = ".tmp-"
 SUM_TAG = b"bnrnn-sha256:"
 _TRAILER_LEN = len(SUM_TAG) + 64 + 1  # tag, hex digest, newline
 _ZIP_END = b"PK\x05\x06"  # signature of the zip's end-of-central-directory record (22 bytes)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be trusted: truncated, damaged or not a checkpoint."""
-
-    def __init__(self, path: str | os.PathLike[str], why: str) -> None:
-        super().__init__(f"{path}: {why}")
-        self.path = Path(path)
-        self.why = why
-
-    def __reduce__(self) -> tuple[Any, ...]:  # pickled to the other ranks under torchrun
-        return (type(self), (self.path, self.why))
 
 
 def _fsync_dir(folder: Path) -> None:

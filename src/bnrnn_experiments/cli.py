@@ -33,6 +33,7 @@ from .config import (
     Config,
     format_config,
     make_config,
+    models_help,
 )
 from .distributed import env_is_main, launched_by_torchrun
 from .errors import run_command
@@ -80,11 +81,8 @@ def _add_what(parser: argparse.ArgumentParser, models_default: str | None = "lst
     parser.add_argument("task", choices=ALL_TASKS, help="the task to train on")
     if models_default is not None:
         parser.add_argument(
-            "--model", default=models_default, choices=ALL_MODELS,
-            help="lstm (torch.nn.LSTM), bnlstm (Cooijmans), bnlstm-input (Laurent eq. 18), "
-                 "bnlstm-preact (Laurent eq. 17); cnn-qa and ptb-cloze: lstm, bnlstm, "
-                 "bn-everywhere, bn-e*, bn-e** (Cooijmans §5.4)",
-        )  # fmt: skip
+            "--model", default=models_default, choices=ALL_MODELS, help=models_help()
+        )
     parser.add_argument(
         "--preset", default="quick",
         help="named setup: paper (SPEC.md's table) or quick (minutes on a CPU); ptb-word also "

@@ -1,13 +1,18 @@
-"""Experiment configuration: one dataclass, the papers' setups as named presets per task.
+"""Experiment configuration: the registry of tasks (`TASKS`) and of models (`MODELS`), the
+papers' setups as named presets per task, and one dataclass (`Config`).
 
 A run's configuration is resolved in layers, each overriding the previous one:
 
 1. the `Config` field defaults,
 2. the task's ``paper`` preset (the setup of SPEC.md's hyper-parameter table),
 3. the chosen preset (``quick``, or for ptb-word ``small`` / ``medium`` / ``large``),
-4. model-specific defaults (initial-state noise for the BN models on sequential MNIST),
+4. model-specific defaults (initial-state noise for the BN models on sequential MNIST,
+   the paper's learning rate and batch of bn-e* and bn-e** on the QA tasks),
 5. the ``--dry-run`` sizes, if asked,
 6. the options given explicitly on the command line.
+
+The question-answering tasks describe themselves in `qa/presets.py`; `TASKS` takes them in
+with the others.
 
 Every field is a command-line flag of ``bnrnn train`` (``hidden_size`` is
 ``--hidden-size``), with the ``help`` text given here. Zero means "not set" for the
@@ -22,29 +27,34 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .qa.presets import (
-    QA_BASE,
-    QA_DRY_SUBSETS,
-    QA_MODELS,
-    QA_ONLY_NORMS,
-    QA_PRESETS,
-    QA_TASKS,
-    qa_model_defaults,
-)
+from .qa.presets import QA_TASKS
+from .specs import ModelSpec, TaskSpec
 
-TASKS = ("smnist", "pmnist", "ptb-char", "text8", "ptb-word")
-
-# Model name -> `bnrnn.BNLSTM(norm=...)`; "lstm" is `torch.nn.LSTM` itself (the honest baseline).
-MODELS: dict[str, str | None] = {
-    "lstm": None,
-    "bnlstm": "cooijmans",  # Cooijmans eq. 6-8
-    "bnlstm-input": "input",  # Laurent eq. 18
-    "bnlstm-preact": "preactivation",  # Laurent eq. 17
+# The models, by name: what each means (`ModelSpec`). A task lists those it trains.
+MODELS: dict[str, ModelSpec] = {
+    "lstm": ModelSpec("torch.nn.LSTM, the honest baseline", None),
+    "bnlstm": ModelSpec("BN-LSTM, Cooijmans eq. 6-8", "cooijmans", reverse="padded"),
+    "bnlstm-input": ModelSpec("BN of the input term only, Laurent eq. 18", "input"),
+    "bnlstm-preact": ModelSpec("BN of the pre-activation, Laurent eq. 17", "preactivation"),
+    # the Attentive Reader's variants (Cooijmans §5.4)
+    "bn-everywhere": ModelSpec(
+        "BN-LSTM and BN in the attention", "cooijmans", bn_attention=True, reverse="padded"
+    ),
+    "bn-e*": ModelSpec(
+        "bn-everywhere with sequence-wise input statistics",
+        "cooijmans",
+        bn_attention=True,
+        input_stats="sequence",
+        reverse="padded",
+    ),
+    "bn-e**": ModelSpec(
+        "bn-e* whose backward LSTMs reverse each sequence's unpadded part",
+        "cooijmans",
+        bn_attention=True,
+        input_stats="sequence",
+    ),
 }
-
-# Question answering (qa/): the Attentive Reader, with its own models (QA_MODELS).
-ALL_TASKS = TASKS + QA_TASKS
-ALL_MODELS = tuple(dict.fromkeys([*MODELS, *QA_MODELS]))
+SEQUENCE_MODELS = ("lstm", "bnlstm", "bnlstm-input", "bnlstm-preact")
 
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 WEIGHT_INITS = ("uniform", "orthogonal", "identity")
@@ -60,8 +70,8 @@ class Config:
     """Everything a run needs; saved as ``config.json`` in the run directory."""
 
     # what
-    task: str = _f("pmnist", f"task: one of {', '.join(ALL_TASKS)}", choices=ALL_TASKS)
-    model: str = _f("lstm", f"model: one of {', '.join(ALL_MODELS)}", choices=ALL_MODELS)
+    task: str = _f("pmnist", "task: one of the TASKS")
+    model: str = _f("lstm", "model: one of the MODELS of the task")
     preset: str = _f("paper", "named preset the configuration started from")
     dry_run: bool = _f(False, "a few steps on small data (for tests and smoke checks)")
     seed: int = _f(1, "seed of every random number generator (data order, init, dropout)")
@@ -139,7 +149,7 @@ class Config:
         "process normalises over its own rows)",
     )
 
-    # question answering (cnn-qa, ptb-cloze; see qa/)
+    # question answering (cnn-qa, ptb-cloze; see qa/): the QA tasks' `TaskSpec.options`
     doc_sentences: int = _f(3, "ptb-cloze: sentences per document (the query is the next one)")
     relevant_sentences: int = _f(
         0, "cnn-qa: keep the N sentences most relevant to the query (Cooijmans App. C: 4); 0=all"
@@ -154,7 +164,7 @@ class Config:
 
     @property
     def norm(self) -> str | None:
-        return {**MODELS, **QA_ONLY_NORMS}[self.model]
+        return MODELS[self.model].norm
 
     @property
     def is_bn(self) -> bool:
@@ -308,36 +318,6 @@ _WORD_QUICK: dict[str, Any] = {
     "threads": _QUICK_THREADS,
 }
 
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "smnist": {"paper": _MNIST_PAPER, "quick": _MNIST_QUICK},
-    "pmnist": {"paper": _MNIST_PAPER, "quick": _MNIST_QUICK},
-    "ptb-char": {"paper": _CHAR_PAPER, "quick": _CHAR_QUICK},
-    "text8": {"paper": _TEXT8_PAPER, "quick": {**_CHAR_QUICK, "hidden_size": 128}},
-    **QA_PRESETS,
-    "ptb-word": {
-        "paper": {},  # = small
-        "small": {},
-        "medium": _WORD_MEDIUM,
-        "large": _WORD_LARGE,
-        "quick": _WORD_QUICK,
-    },
-}
-_BASE = {"smnist": _MNIST_PAPER, "pmnist": _MNIST_PAPER, "ptb-char": _CHAR_PAPER,
-         "text8": _TEXT8_PAPER, "ptb-word": _WORD_SMALL, **QA_BASE}  # fmt: skip
-
-
-def model_defaults(task: str, model: str, preset: str = "paper") -> dict[str, Any]:
-    """Per-model defaults on top of the preset."""
-    if task in QA_TASKS:
-        return qa_model_defaults(task, model, preset)
-    if task in ("smnist", "pmnist") and MODELS[model] is not None:
-        # Cooijmans §5.1: the first ~100 pixels are constant over the batch, so the hidden
-        # state has zero variance there; noise on the initial state avoids exploding
-        # gradients. (choice) std 0.1: the paper does not give the value.
-        return {"init_noise": 0.1}
-    return {}
-
-
 DRY_RUN: dict[str, Any] = {
     "hidden_size": 8,
     "batch_size": 4,
@@ -354,19 +334,75 @@ DRY_RUN: dict[str, Any] = {
 # 784-step sequences are the slow ones: two steps, one validation, one batch for statistics
 _DRY_MNIST = {"train_subset": 64, "valid_subset": 16, "test_subset": 16, "max_steps": 2,
               "pop_batches": 1}  # fmt: skip
-_DRY_SUBSETS = {
-    "smnist": _DRY_MNIST,
-    "pmnist": _DRY_MNIST,
-    "ptb-char": {"train_subset": 5000, "valid_subset": 1000, "test_subset": 1000},
-    "text8": {"train_subset": 5000, "valid_subset": 1000, "test_subset": 1000},
-    "ptb-word": {"train_subset": 2000, "valid_subset": 500, "test_subset": 500},
-    **QA_DRY_SUBSETS,
+_DRY_LM = {"train_subset": 5000, "valid_subset": 1000, "test_subset": 1000}
+
+
+def _mnist_model_defaults(model: str, preset: str) -> dict[str, Any]:
+    if MODELS[model].norm is not None:
+        # Cooijmans §5.1: the first ~100 pixels are constant over the batch, so the hidden
+        # state has zero variance there; noise on the initial state avoids exploding
+        # gradients. (choice) std 0.1: the paper does not give the value.
+        return {"init_noise": 0.1}
+    return {}
+
+
+def _mnist(task: str) -> TaskSpec:
+    return TaskSpec(
+        "bnrnn_experiments.tasks:SequentialMNIST",
+        SEQUENCE_MODELS,
+        base=_MNIST_PAPER,
+        presets={"paper": {}, "quick": _MNIST_QUICK},
+        dry_run=_DRY_MNIST,
+        model_defaults=_mnist_model_defaults,
+        options=("permutation_seed",) if task == "pmnist" else (),
+    )
+
+
+_CHAR_LM = "bnrnn_experiments.tasks:CharLM"
+# The tasks, by name: the registry every part of the harness reads (`TaskSpec`).
+TASKS: dict[str, TaskSpec] = {
+    "smnist": _mnist("smnist"),
+    "pmnist": _mnist("pmnist"),
+    "ptb-char": TaskSpec(
+        _CHAR_LM, SEQUENCE_MODELS, _CHAR_PAPER, {"paper": {}, "quick": _CHAR_QUICK}, _DRY_LM
+    ),  # fmt: skip
+    "text8": TaskSpec(
+        _CHAR_LM,
+        SEQUENCE_MODELS,
+        _TEXT8_PAPER,
+        {"paper": {}, "quick": {**_CHAR_QUICK, "hidden_size": 128}},
+        _DRY_LM,
+    ),  # fmt: skip
+    "ptb-word": TaskSpec(
+        "bnrnn_experiments.tasks:WordLM",
+        SEQUENCE_MODELS,
+        base=_WORD_SMALL,
+        presets={
+            "paper": {},
+            "small": {},
+            "medium": _WORD_MEDIUM,
+            "large": _WORD_LARGE,
+            "quick": _WORD_QUICK,
+        },  # fmt: skip
+        dry_run={"train_subset": 2000, "valid_subset": 500, "test_subset": 500},
+    ),
+    **QA_TASKS,  # cnn-qa, ptb-cloze: the Attentive Reader (qa/)
 }
+ALL_TASKS = tuple(TASKS)
+ALL_MODELS = tuple(MODELS)
+#: Preset names of each task (for the command line).
+PRESETS = {name: tuple(spec.presets) for name, spec in TASKS.items()}
 
 
-def presets_for(task: str) -> list[str]:
-    _check_choice("task", task, ALL_TASKS)
-    return list(PRESETS[task])
+def models_help() -> str:
+    """The models and the tasks that train them, for ``--help``."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for name, spec in TASKS.items():
+        groups.setdefault(spec.models, []).append(name)
+    return "; ".join(
+        f"{', '.join(tasks)}: " + ", ".join(f"{m} ({MODELS[m].help})" for m in models)
+        for models, tasks in groups.items()
+    )
 
 
 def _check_choice(name: str, value: Any, choices: Any) -> None:
@@ -375,8 +411,16 @@ def _check_choice(name: str, value: Any, choices: Any) -> None:
 
 
 def _check_model_of_task(task: str, model: str) -> None:
-    """The QA tasks have the Attentive Reader models, the others the MODELS."""
-    _check_choice(f"model of {task}", model, QA_MODELS if task in QA_TASKS else tuple(MODELS))
+    _check_choice(f"model of {task}", model, TASKS[task].models)
+
+
+def _check_options_of_task(cfg: Config) -> None:
+    """A field that only some tasks read (`TaskSpec.options`) keeps its default in the
+    others: a value set for nothing is an error (old ``config.json`` files hold defaults)."""
+    for name in dict.fromkeys(o for spec in TASKS.values() for o in spec.options):
+        owners = [task for task, spec in TASKS.items() if name in spec.options]
+        if cfg.task not in owners and getattr(cfg, name) != FIELDS[name].default:
+            raise ValueError(f"{name} applies to {', '.join(owners)}, not to {cfg.task}")
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -412,14 +456,15 @@ def make_config(
     """Resolve a configuration: defaults < paper < preset < model < dry-run < overrides."""
     _check_choice("task", task, ALL_TASKS)
     _check_model_of_task(task, model)
-    _check_choice(f"preset of {task}", preset, tuple(PRESETS[task]))
+    spec = TASKS[task]
+    _check_choice(f"preset of {task}", preset, tuple(spec.presets))
     values: dict[str, Any] = {}
-    values.update(_BASE[task])
-    values.update(PRESETS[task][preset])
-    values.update(model_defaults(task, model, preset))
+    values.update(spec.base)
+    values.update(spec.presets[preset])
+    values.update(spec.defaults(model, preset))
     if dry_run:
         values.update(DRY_RUN)
-        values.update(_DRY_SUBSETS[task])
+        values.update(spec.dry_run)
     for key in overrides:
         if key not in FIELDS or key in ("task", "model", "preset", "dry_run"):
             raise ValueError(f"unknown configuration field {key!r}")
@@ -444,7 +489,9 @@ def validate(cfg: Config) -> Config:
     for name in non_negative:
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    _check_choice("task", cfg.task, ALL_TASKS)
     _check_model_of_task(cfg.task, cfg.model)
+    _check_options_of_task(cfg)
     for name in ("doc_sentences", "relevant_sentences", "max_vocab"):
         if getattr(cfg, name) < (1 if name == "doc_sentences" else 0):
             raise ValueError(f"{name} must be {'>= 1' if name == 'doc_sentences' else '>= 0'}, "

@@ -15,12 +15,26 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 DEBUG_ENV = "BNRNN_DEBUG"
 EXIT_INTERNAL = 1
 EXIT_ERROR = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be trusted: truncated, damaged or not a checkpoint."""
+
+    def __init__(self, path: str | os.PathLike[str], why: str) -> None:
+        super().__init__(f"{path}: {why}")
+        self.path = Path(path)
+        self.why = why
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled to the other ranks under torchrun
+        return (type(self), (self.path, self.why))
 
 
 class TrainingDiverged(RuntimeError):
@@ -50,7 +64,6 @@ def _os_error(e: OSError) -> str:
 
 def describe(e: Exception, command: str) -> tuple[str, int]:
     """The one-line message and the exit status for ``e``, raised by ``bnrnn command``."""
-    from .checkpoint import CheckpointError
     from .data import DataFileError, DataUnavailableError
 
     if isinstance(e, TrainingDiverged):

@@ -6,6 +6,10 @@
   randomly cropped per epoch (Cooijmans §5.2-5.3); bits per character.
 - `WordLM` (ptb-word): truncated BPTT over a stream with the hidden state carried between
   batches (Laurent §5.2, after Zaremba et al.); perplexity.
+- `bnrnn_experiments.qa.task.QATask` (cnn-qa, ptb-cloze): the Attentive Reader, a
+  `ClassifierTask` like sequential MNIST.
+
+`make_task` builds the task a configuration names, from the registry (`config.TASKS`).
 
 A task's training batches are a pure function of (seed, epoch, index): the data order of an
 epoch comes from a generator seeded with (seed, epoch). Resuming therefore needs only the
@@ -14,6 +18,7 @@ step counter (and the carried hidden state of `WordLM`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -26,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import data
-from .config import QA_TASKS, Config
+from .config import TASKS, Config
 from .models import build_classifier, build_language_model, count_parameters
 
 MNIST_VALID = 5000  # the last 5,000 training images are the validation set
@@ -70,8 +75,11 @@ class Task:
     ) -> tuple[Iterable[Any], Callable[[nn.Module, Any], Any] | None]:
         """The first ``n`` training batches of epoch 0 (``n=0``: all), for
         `bnrnn.update_population_stats`, and the forward function to run them."""
+        return self._first_batches(n), None
+
+    def _first_batches(self, n: int) -> Iterator[Any]:
         n = self.steps_per_epoch if n <= 0 else min(n, self.steps_per_epoch)
-        return (self.train_batch(0, i) for i in range(n)), None
+        return (self.train_batch(0, i) for i in range(n))
 
     def better(self, a: float, b: float | None) -> bool:
         """Is score ``a`` better than ``b`` (None: no score yet)?"""
@@ -119,23 +127,102 @@ def char_vocabulary(text: str) -> data.Vocabulary:
     return data.Vocabulary(sorted(present, key=lambda c: (-int(counts[ord(c)]), c)))
 
 
-def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
+def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
+    """The generator of an epoch's data order."""
     return np.random.default_rng([seed, epoch, 7919])
 
 
-def _subset(x: Any, n: int) -> Any:
+def subset(x: Any, n: int) -> Any:
+    """The first ``n`` items of ``x`` (``n=0``: all of it)."""
     return x[:n] if n > 0 else x
+
+
+def split_limits(cfg: Config) -> dict[str, int]:
+    """Examples (or tokens) kept of each split: ``*_subset``, 0 = all."""
+    return {"train": cfg.train_subset, "valid": cfg.valid_subset, "test": cfg.test_subset}
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in evaluation mode for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def accuracy(correct: int, count: int) -> float:
+    """Percent."""
+    return 100.0 * correct / max(count, 1)
+
+
+class ClassifierTask(Task):
+    """A task with one class per example, scored by accuracy (percent): sequential MNIST and
+    the question answering. Subclasses give `logits` (N, C) and `targets` (N,) of a batch,
+    the evaluation batches of a split, and the number of training examples (`_set_train_size`);
+    the epochs' order of the training examples is drawn here."""
+
+    metric = "acc"
+    higher_is_better = True
+    n_train: int
+
+    def logits(self, model: nn.Module, batch: Any) -> Tensor:
+        raise NotImplementedError
+
+    def targets(self, batch: Any) -> Tensor:
+        raise NotImplementedError
+
+    def eval_batches(self, split: str) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def _set_train_size(self, n: int) -> None:
+        self.n_train = n
+        self.steps_per_epoch = n // self.cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"batch_size {self.cfg.batch_size} is larger than the training set ({n})"
+            )
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def _batch_rows(self, epoch: int, index: int) -> np.ndarray:
+        """Indices of the training examples in batch ``index`` of ``epoch``: a slice of a
+        permutation drawn from the epoch's generator."""
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_rng(self.cfg.seed, epoch).permutation(self.n_train))
+        B = self.cfg.batch_size
+        return self._order[1][index * B : (index + 1) * B]
+
+    def train_loss(self, model, batch, carry):
+        logits, y = self.logits(model, batch), self.targets(batch)
+        loss = F.cross_entropy(logits, y)
+        return loss, int((logits.argmax(-1) == y).sum()), y.numel(), None
+
+    def score(self, loss: float, correct: int = 0, count: int = 0) -> float:
+        return accuracy(correct, count)
+
+    @torch.no_grad()
+    def evaluate(self, model, split, length=None):
+        total, correct, n = 0.0, 0, 0
+        with evaluating(model):
+            for batch in self.eval_batches(split):
+                logits, y = self.logits(model, batch), self.targets(batch)
+                total += float(F.cross_entropy(logits, y, reduction="sum"))
+                correct += int((logits.argmax(-1) == y).sum())
+                n += y.numel()
+        return {"loss": total / n, "acc": accuracy(correct, n), "count": n}
+
+    def pop_stats_batches(self, n):
+        return self._first_batches(n), self.logits
 
 
 # ---------------------------------------------------------------------- sequential MNIST
 
 
-class SequentialMNIST(Task):
+class SequentialMNIST(ClassifierTask):
     """sMNIST (scanline order) and pMNIST (one fixed permutation, seeded by
     ``permutation_seed``, saved as ``permutation.npy`` in the run directory)."""
-
-    metric = "acc"
-    higher_is_better = True
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
@@ -149,18 +236,11 @@ class SequentialMNIST(Task):
         else:
             self.permutation = None
         n = images.shape[0] - MNIST_VALID
-        self.splits = {
-            "train": (_subset(images[:n], cfg.train_subset), _subset(labels[:n], cfg.train_subset)),
-            "valid": (_subset(images[n:], cfg.valid_subset), _subset(labels[n:], cfg.valid_subset)),
-            "test": (_subset(test_images, cfg.test_subset), _subset(test_labels, cfg.test_subset)),
-        }
-        self.n_train = self.splits["train"][0].shape[0]
-        self.steps_per_epoch = self.n_train // cfg.batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"batch_size {cfg.batch_size} is larger than the training set ({self.n_train})"
-            )
-        self._order: tuple[int, np.ndarray] | None = None
+        raw = {"train": (images[:n], labels[:n]), "valid": (images[n:], labels[n:]),
+               "test": (test_images, test_labels)}  # fmt: skip
+        limits = split_limits(cfg)
+        self.splits = {k: (subset(x, limits[k]), subset(y, limits[k])) for k, (x, y) in raw.items()}
+        self._set_train_size(self.splits["train"][0].shape[0])
 
     @staticmethod
     def _inputs(images: Tensor) -> Tensor:
@@ -170,38 +250,21 @@ class SequentialMNIST(Task):
         return build_classifier(self.cfg, 1, 10)
 
     def train_batch(self, epoch: int, index: int) -> tuple[Tensor, Tensor]:
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, _epoch_rng(self.cfg.seed, epoch).permutation(self.n_train))
-        B = self.cfg.batch_size
-        idx = torch.from_numpy(self._order[1][index * B : (index + 1) * B])
+        idx = torch.from_numpy(self._batch_rows(epoch, index))
         images, labels = self.splits["train"]
         return self._inputs(images[idx]), labels[idx]
 
-    def train_loss(self, model, batch, carry):
-        x, y = batch
-        logits = model(x)  # (N, 10)
-        loss = F.cross_entropy(logits, y)
-        correct = int((logits.argmax(-1) == y).sum())
-        return loss, correct, y.numel(), None
+    def logits(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        return model(batch[0])  # (N, 10)
 
-    def score(self, loss: float, correct: int = 0, count: int = 0) -> float:
-        return 100.0 * correct / max(count, 1)
+    def targets(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        return batch[1]
 
-    @torch.no_grad()
-    def evaluate(self, model, split, length=None):
-        was_training = model.training
-        model.eval()
+    def eval_batches(self, split: str) -> Iterator[tuple[Tensor, Tensor]]:
         images, labels = self.splits[split]
-        total, correct = 0.0, 0
-        for i in range(0, images.shape[0], self.cfg.eval_batch_size):
-            x = self._inputs(images[i : i + self.cfg.eval_batch_size])
-            y = labels[i : i + self.cfg.eval_batch_size]
-            logits = model(x)
-            total += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(-1) == y).sum())
-        model.train(was_training)
-        n = images.shape[0]
-        return {"loss": total / n, "acc": 100.0 * correct / n, "count": n}
+        B = self.cfg.eval_batch_size
+        for i in range(0, images.shape[0], B):
+            yield self._inputs(images[i : i + B]), labels[i : i + B]
 
     def save_artifacts(self, run_dir: Path) -> None:
         if self.permutation is not None:
@@ -240,8 +303,8 @@ class CharLM(Task):
         # (choice) the symbols of all three splits, so that no test character is unknown
         self.vocab = char_vocabulary(texts["train"] + texts["valid"] + texts["test"])
         self.vocab_size = len(self.vocab)
-        limits = {"train": cfg.train_subset, "valid": cfg.valid_subset, "test": cfg.test_subset}
-        self.splits = {k: self._encode(_subset(t, limits[k])) for k, t in texts.items()}
+        limits = split_limits(cfg)
+        self.splits = {k: self._encode(subset(t, limits[k])) for k, t in texts.items()}
         L = cfg.seq_len
         self.n_examples = (len(self.splits["train"]) - 1) // L  # inputs + shifted targets
         self.steps_per_epoch = self.n_examples // cfg.batch_size
@@ -266,7 +329,7 @@ class CharLM(Task):
 
     def _epoch_layout(self, epoch: int) -> tuple[int, np.ndarray]:
         if self._epoch is None or self._epoch[0] != epoch:
-            rng = _epoch_rng(self.cfg.seed, epoch)
+            rng = epoch_rng(self.cfg.seed, epoch)
             slack = len(self.splits["train"]) - 1 - self.n_examples * self.cfg.seq_len
             offset = int(rng.integers(0, slack + 1))  # Cooijmans §5.2: random crop per epoch
             self._epoch = (epoch, offset, rng.permutation(self.n_examples))
@@ -296,19 +359,19 @@ class CharLM(Task):
         n = (len(text) - 1) // L
         if n == 0:
             raise ValueError(f"the {split} text ({len(text)} characters) is shorter than {L + 1}")
-        was_training = model.training
-        model.eval()
         idx = torch.arange(n)[:, None] * L + torch.arange(L + 1)  # (n, L+1)
         total = 0.0
-        for i in range(0, n, self.cfg.eval_batch_size):
-            tokens = text[idx[i : i + self.cfg.eval_batch_size]].t().long()  # (L+1, b)
-            logits, _ = model(tokens[:-1])
-            total += float(
-                F.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), tokens[1:].reshape(-1), reduction="sum"
+        with evaluating(model):
+            for i in range(0, n, self.cfg.eval_batch_size):
+                tokens = text[idx[i : i + self.cfg.eval_batch_size]].t().long()  # (L+1, b)
+                logits, _ = model(tokens[:-1])
+                total += float(
+                    F.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]),
+                        tokens[1:].reshape(-1),
+                        reduction="sum",
+                    )
                 )
-            )
-        model.train(was_training)
         loss = total / (n * L)
         return {"loss": loss, self.metric: self.score(loss), "count": n * L, "length": L}
 
@@ -347,8 +410,8 @@ class WordLM(Task):
         words = load_data("ptb-word", cfg)
         self.vocab = data.Vocabulary.build(words["train"])
         self.vocab_size = len(self.vocab)
-        limits = {"train": cfg.train_subset, "valid": cfg.valid_subset, "test": cfg.test_subset}
-        self.splits = {k: self.vocab.encode(_subset(v, limits[k])) for k, v in words.items()}
+        limits = split_limits(cfg)
+        self.splits = {k: self.vocab.encode(subset(v, limits[k])) for k, v in words.items()}
         self.train_streams = _batchify(self.splits["train"], cfg.batch_size)  # (n, B)
         self.steps_per_epoch = (self.train_streams.shape[0] - 1) // cfg.seq_len
         # Zaremba et al. (2014), whose setup Laurent §5.2 follows, minimise the loss summed
@@ -389,30 +452,27 @@ class WordLM(Task):
         streams = _batchify(self.splits[split], self.cfg.eval_batch_size)
         if streams.shape[0] < 2:
             raise ValueError(f"the {split} split is too small for eval_batch_size")
-        was_training = model.training
-        model.eval()
         total, count, state = 0.0, 0, None
-        for x, y in self._segments(streams, L):
-            logits, state = model(x, state)
-            total += float(
-                F.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"
+        with evaluating(model):
+            for x, y in self._segments(streams, L):
+                logits, state = model(x, state)
+                total += float(
+                    F.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"
+                    )
                 )
-            )
-            count += y.numel()
-        model.train(was_training)
+                count += y.numel()
         loss = total / count
         return {"loss": loss, self.metric: self.score(loss), "count": count, "length": L}
 
     def pop_stats_batches(self, n):
-        n = self.steps_per_epoch if n <= 0 else min(n, self.steps_per_epoch)
         carry: dict[str, Any] = {"state": None}
 
         def forward(model: nn.Module, batch: tuple[Tensor, Tensor]) -> None:
             # consecutive segments of the stream: carry the state as in training
             _, carry["state"] = model(batch[0], carry["state"])
 
-        return (self.train_batch(0, i) for i in range(n)), forward
+        return self._first_batches(n), forward
 
     def describe(self) -> str:
         sizes = ", ".join(f"{k} {len(v):,}" for k, v in self.splits.items())
@@ -423,21 +483,9 @@ class WordLM(Task):
         )
 
 
-TASK_CLASSES: dict[str, type[Task]] = {
-    "smnist": SequentialMNIST,
-    "pmnist": SequentialMNIST,
-    "ptb-char": CharLM,
-    "text8": CharLM,
-    "ptb-word": WordLM,
-}
-
-
 def make_task(cfg: Config) -> Task:
-    if cfg.task in QA_TASKS:
-        from .qa.task import QATask  # imported here: qa/task.py imports this module
-
-        return QATask(cfg)
-    return TASK_CLASSES[cfg.task](cfg)
+    """The task ``cfg.task`` names (its class from the registry, `TaskSpec.task_class`)."""
+    return TASKS[cfg.task].load_class()(cfg)
 
 
 def model_summary(model: nn.Module) -> str:

@@ -11,16 +11,18 @@ import torch
 import torch.nn.functional as F
 
 import bnrnn
-from bnrnn_experiments.qa.model import VARIANTS, AttentiveReader, PaddedReverseBNLSTM
+from bnrnn_experiments.config import MODELS
+from bnrnn_experiments.qa.model import AttentiveReader, PaddedReverseBNLSTM
+from bnrnn_experiments.qa.presets import READER_MODELS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 V, E = 40, 10  # vocabulary (ids 3..12 are the entities), entities
-ALL = list(VARIANTS)
+ALL = list(READER_MODELS)
 PROPER = ["lstm", "bn-e**"]  # read padded batches exactly like unpadded ones
 PADDED_REVERSE = ["bnlstm", "bn-everywhere", "bn-e*"]  # the §5.4 common practice
-BN_ATTENTION = [m for m in ALL if VARIANTS[m].bn_attention]
+BN_ATTENTION = [m for m in ALL if MODELS[m].bn_attention]
 
 
 def _model(name: str, seed: int = 0, **kw) -> AttentiveReader:
@@ -155,7 +157,7 @@ def test_padded_reverse_depends_on_the_amount_of_padding(name: str) -> None:
     ref, m_ref = _run(model, "train", document, doc_len, q, q_len, candidates)
     out, m_out = _run(model, "train", more, doc_len, q, q_len, candidates)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    hh = "doc_encoder.backward_lstm.bn_hh.running_mean"
+    hh = "doc_encoder.lstm.backward_lstm.bn_hh.running_mean"
     assert not torch.allclose(_buffers(m_out)[hh], _buffers(m_ref)[hh])
     ref, _ = _run(model, "eval", document, doc_len, q, q_len, candidates)
     out, _ = _run(model, "eval", more, doc_len, q, q_len, candidates)

@@ -16,7 +16,8 @@ from bnrnn_experiments.checkpoint import load_checkpoint
 from bnrnn_experiments.cli import main
 from bnrnn_experiments.compare import compare
 from bnrnn_experiments.config import make_config
-from bnrnn_experiments.qa.presets import QA_MODELS
+from bnrnn_experiments.qa.batching import make_batch
+from bnrnn_experiments.qa.presets import READER_MODELS
 from bnrnn_experiments.tasks import make_task
 from bnrnn_experiments.train import train
 
@@ -67,7 +68,7 @@ def test_paper_presets() -> None:
     assert make_config("cnn-qa", "lstm", "paper").relevant_sentences == 4
     # quick: one learning rate and batch size for all five models
     quick = {(make_config("ptb-cloze", m, "quick").lr, make_config("ptb-cloze", m).batch_size)
-             for m in QA_MODELS}  # fmt: skip
+             for m in READER_MODELS}  # fmt: skip
     assert len(quick) == 1
 
 
@@ -100,7 +101,7 @@ def _check_run(run_dir: Path, cfg, results: dict) -> None:
 
 
 @needs_ptb
-@pytest.mark.parametrize("model", QA_MODELS)
+@pytest.mark.parametrize("model", READER_MODELS)
 def test_dry_run_ptb_cloze(model: str, tmp_path: Path) -> None:
     cfg = make_config("ptb-cloze", model, "quick", dry_run=True, data_dir=str(REAL_DATA))
     results = train(cfg, tmp_path / "run", quiet=True)
@@ -160,3 +161,94 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
         return [{k: v for k, v in r.items() if k not in timing} for r in rows]
 
     assert metrics("full") == metrics("resumed")
+
+
+# ------------------------------------------------------------------------- diagnostics
+
+
+@needs_ptb
+def test_diagnostics_see_every_normalised_term(tmp_path: Path) -> None:
+    """`python -m bnrnn_experiments.qa.diagnostics` on a tiny bn-e** and lstm: every BN of
+    the reader is observed, its output has the std of its gamma (the batch statistics are
+    those of the rows it normalises), the fast path's gradients equal the reference's, and
+    a probe leaves the model's population statistics as they were."""
+    from bnrnn_experiments.qa import diagnostics
+
+    out = tmp_path / "diag.json"
+    sizes = ["hidden_size=8", "embed_size=8", "batch_size=8", "train_subset=64",
+             "valid_subset=16", "pop_batches=2", f"data_dir={REAL_DATA}"]  # fmt: skip
+    common = ["ptb-cloze", "--models", "lstm,bn-e**", "--out", str(out)]
+    common += [a for s in sizes for a in ("--set", s)]
+    args = [*common, "--steps", "2", "--at", "1", "--probe", "16", "--grad-batches", "2"]
+    assert diagnostics.main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["command"].endswith(" ".join(args))
+    lstm, bn = report["lstm"], report["bn-e**"]
+    assert sorted(lstm["at"]) == sorted(bn["at"]) == ["0", "1", "2"]
+    assert [r["lr"] for r in bn["train"]] == [3e-3, 3e-3]
+    assert lstm["at"]["0"]["norms"] == {} and lstm["fast_vs_reference_grad"] is None
+    assert bn["fast_vs_reference_grad"] < 1e-3
+    cfg = make_config("ptb-cloze", "bn-e**", "quick", dry_run=True, hidden_size=8,
+                      embed_size=8, batch_size=8, data_dir=str(REAL_DATA))  # fmt: skip
+    task = make_task(cfg)
+    model = task.build_model()
+    names = {n for n, m in model.named_modules() if type(m).__name__ == "StepBatchNorm"}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    probe = make_batch(task.splits["valid"][:8], task.vocab, task.num_entities)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    diagnostics.measure(task, model, probe, [task.train_batch(0, 0)], start)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert model.training and all(p.grad is None for p in model.parameters())
+    for step in ("0", "2"):
+        seen = bn["at"][step]["norms"]
+        assert set(seen) == names
+        for name, rec in seen.items():
+            gamma = bn["at"][step]["gammas"][name]
+            # hh at step 0 sees h_0 = 0 (no variance): its min std is 0, the others not
+            assert rec["output"]["std"] == pytest.approx(gamma["mean"], rel=0.1), name
+        a = bn["at"][step]["attention"]
+        assert 0 < a["entropy_normalised"] <= 1 and 0 <= a["answer_weight"] <= 1
+        assert set(bn["at"][step]["grad_norms"]) >= {"doc_encoder", "attend_m", "total"}
+    assert bn["at"]["0"]["relative_change"]["doc_encoder"] == 0
+    assert bn["at"]["2"]["relative_change"]["doc_encoder"] > 0
+    assert "probe_eval_reestimated" in bn and "probe_eval_reestimated" not in lstm
+    assert all(r["cpu_ms"] > 0 and r["wall_ms"] > 0 for r in bn["train"])
+    assert 0 < bn["few_rows"]["doc_steps_below_8"] < 1
+    # --time-steps: only the step times
+    assert diagnostics.main([*common, "--time-steps", "1"]) == 0
+    times = json.loads(out.read_text())["lstm"]
+    assert set(times) == {"wall_ms", "cpu_ms"} and times["cpu_ms"] > 0
+
+
+def test_diagnostic_interventions() -> None:
+    """--min-rows K leaves at least K sequences at every step; --freeze and --zero act on
+    the parameters their pattern names, and only on those."""
+    from bnrnn_experiments.qa.batching import QABatch
+    from bnrnn_experiments.qa.diagnostics import Interventions, few_rows
+    from bnrnn_experiments.qa.model import AttentiveReader
+
+    doc_len, q_len = torch.tensor([9, 4, 7, 2, 9, 3]), torch.tensor([3, 5, 1, 4, 2, 5])
+    ones = torch.ones(9, 6, dtype=torch.long)
+    batch = QABatch(ones, doc_len, ones[:5], q_len, ones[:6, :4].bool(), ones[0] * 0)
+    cut = Interventions(min_rows=3).batch(batch, 3)
+    assert cut.document.shape[0] == 7 and cut.doc_lengths.tolist() == [7, 4, 7, 2, 7, 3]
+    assert cut.query.shape[0] == 4 and cut.query_lengths.tolist() == [3, 4, 1, 4, 2, 4]
+    assert Interventions().batch(batch, 3) is batch
+    # present per step: documents 6 6 5 4 3 3 3 2 2, queries 6 5 4 3 2
+    expected = {"doc_steps_below_3": 2 / 9, "doc_steps_below_4": 5 / 9,
+                "query_steps_below_3": 1 / 5, "query_steps_below_4": 2 / 5}  # fmt: skip
+    assert few_rows([batch], k=3) == expected
+    # the most frequent candidate (entity k has id 3 + k; padding is not counted; ties:
+    # the first to occur): column 0 holds entities 2, 1, 1, 2 -> 2 (first of the tie),
+    # column 1 entities 0, 3, 3 and padding 0s -> 3, column 2 only the non-candidate 1 -> 0
+    document = torch.tensor([[5, 3, 4], [4, 6, 9], [4, 6, 9], [5, 3, 9]])
+    doc = QABatch(document, torch.tensor([4, 3, 2]), ones[:2, :3], torch.tensor([2, 2, 2]),
+                  torch.tensor([[1, 1, 1, 0], [1, 0, 0, 1], [1, 0, 1, 0]]).bool(),
+                  torch.tensor([0, 0, 2]))  # fmt: skip
+    assert Interventions(answer="most-frequent").relabel(doc, 3).answer.tolist() == [2, 3, 0]
+    model = AttentiveReader(20, 4, "bn-e**", embed_size=6, hidden_size=5)
+    Interventions(freeze=r"attend_g\.bn_.\.weight", zero=r"^output\.").apply(model)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"attend_g.bn_a.weight", "attend_g.bn_b.weight"}
+    assert (model.output.weight == 0).all() and (model.attend_g.proj_a.weight != 0).any()

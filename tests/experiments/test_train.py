@@ -15,7 +15,7 @@ from harness_helpers import REAL_DATA, needs
 import bnrnn
 from bnrnn_experiments import rundir as rd
 from bnrnn_experiments.checkpoint import load_checkpoint, seed_everything
-from bnrnn_experiments.config import MODELS, PRESETS, TASKS, make_config
+from bnrnn_experiments.config import PRESETS, SEQUENCE_MODELS, TASKS, make_config
 from bnrnn_experiments.data import Vocabulary
 from bnrnn_experiments.models import BaselineLSTM
 from bnrnn_experiments.tasks import char_vocabulary, make_task
@@ -30,8 +30,11 @@ def dry_config(task: str, model: str, text8_dir: Path | None = None, **kw):
     return make_config(task, model, "quick", dry_run=True, **kw)
 
 
-@pytest.mark.parametrize("model", list(MODELS))
-@pytest.mark.parametrize("task", [pytest.param(t, marks=needs(t)) for t in TASKS])
+SEQUENCE_TASKS = [t for t, spec in TASKS.items() if spec.models == SEQUENCE_MODELS]
+
+
+@pytest.mark.parametrize("model", SEQUENCE_MODELS)
+@pytest.mark.parametrize("task", [pytest.param(t, marks=needs(t)) for t in SEQUENCE_TASKS])
 def test_dry_run(task: str, model: str, tmp_path: Path, fake_text8_dir: Path) -> None:
     cfg = dry_config(task, model, fake_text8_dir)
     run_dir = tmp_path / "run"
@@ -101,9 +104,9 @@ def test_baseline_learn_init_and_noise() -> None:
 
 
 def test_presets_resolve() -> None:
-    for task in TASKS:
+    for task, spec in TASKS.items():
         for preset in PRESETS[task]:
-            for model in MODELS:
+            for model in spec.models:
                 cfg = make_config(task, model, preset)
                 assert total_steps(cfg, 1000) > 0
     # paper numbers (SPEC.md table)

@@ -9,7 +9,7 @@
     g      = tanh(W_rg r + W_ug u + b_g)                                       (N, G)
     p(a)   = softmax over the example's candidate entities of W_out g         (N, E)
 
-The five models (``VARIANTS``):
+The five models (``READER_MODELS``; what each name means: `bnrnn_experiments.config.MODELS`):
 
 - ``lstm``: `torch.nn.LSTM`, bidirectional, over packed sequences.
 - ``bnlstm``: the LSTMs replaced by BN-LSTM (Cooijmans eq. 6-8), frame-wise statistics.
@@ -41,7 +41,7 @@ values at padded positions, and their attention and its statistics ignore padded
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,34 +52,17 @@ import bnrnn
 from bnrnn import StepBatchNorm, StepNorms, lstm_step
 from bnrnn.init import init_direction
 
+from ..config import MODELS
+from ..specs import ModelSpec
+from .presets import READER_MODELS
+
 __all__ = [
-    "VARIANTS",
     "AttentiveReader",
     "BiEncoder",
     "PaddedReverseBNLSTM",
-    "Variant",
+    "reader_lstm",
     "sequence_batch_norm",
 ]
-
-
-@dataclass(frozen=True)
-class Variant:
-    """What a model name means: BN in the LSTMs, BN in the attention, the statistics of the
-    LSTM input terms, and how the backward LSTM reads padded sequences."""
-
-    bn_lstm: bool
-    bn_attention: bool
-    input_stats: str  # "frame" | "sequence"
-    reverse: str  # "unpadded": each sequence's own part reversed | "padded": padding to the front
-
-
-VARIANTS: dict[str, Variant] = {
-    "lstm": Variant(False, False, "frame", "unpadded"),
-    "bnlstm": Variant(True, False, "frame", "padded"),
-    "bn-everywhere": Variant(True, True, "frame", "padded"),
-    "bn-e*": Variant(True, True, "sequence", "padded"),
-    "bn-e**": Variant(True, True, "sequence", "unpadded"),
-}
 
 
 def _batch_sizes(lengths: Tensor, T: int) -> list[int]:
@@ -243,71 +226,77 @@ def _track_steps(bn: StepBatchNorm, stats: list[tuple[Tensor, Tensor]], n: int) 
     bn._track(torch.arange(len(stats)), mean, var, [n] * len(stats))
 
 
+class _PackedLSTM(nn.LSTM):
+    """`torch.nn.LSTM` over packed sequences: forward(x (T, N, I), lengths (N,)) -> (y
+    (T, N, D*H), zero at padded positions; (h_n, c_n) each (D, N, H) at each sequence's own
+    ends)."""
+
+    def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:  # type: ignore[override]
+        packed = pack_padded_sequence(x, lengths.to("cpu"), enforce_sorted=False)
+        out, state = super().forward(packed)
+        y, _ = pad_packed_sequence(out, total_length=x.shape[0])
+        return y, state
+
+
+class _PaddedReverseBiLSTM(nn.Module):
+    """A bidirectional BN-LSTM whose backward direction reverses the padded batch: forward
+    `bnrnn.BNLSTM` with the lengths, backward `PaddedReverseBNLSTM`. The contract of
+    ``bnrnn.BNLSTM(bidirectional=True)`` with ``lengths``."""
+
+    def __init__(self, input_size: int, hidden_size: int, **kw: Any) -> None:
+        super().__init__()
+        self.forward_lstm = bnrnn.BNLSTM(input_size, hidden_size, **kw)
+        del kw["norm"]
+        self.backward_lstm = PaddedReverseBNLSTM(input_size, hidden_size, **kw)
+
+    def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        y_f, (h_f, c_f) = self.forward_lstm(x, lengths=lengths)  # (T, N, H), (1, N, H)
+        y_b, (h_b, c_b) = self.backward_lstm(x, lengths)  # (T, N, H), (N, H)
+        return torch.cat([y_f, y_b], -1), (torch.cat([h_f, h_b[None]]), torch.cat([c_f, c_b[None]]))
+
+
+def reader_lstm(
+    spec: ModelSpec, input_size: int, hidden_size: int, input_stats: str = "frame", **kw: Any
+) -> nn.Module:
+    """The bidirectional one-layer LSTM of a reader ``spec`` (the one place a reader's
+    recurrent layers are built): `torch.nn.LSTM` over packed sequences without BN, else a
+    BN-LSTM (``spec.norm``) whose backward direction reads the batch as ``spec.reverse``
+    says. ``input_stats``: of W_ih x, unless the model fixes it (``spec.input_stats``).
+    ``kw``: max_length, momentum, eps, gamma_init, weight_init, forget_bias, as
+    `bnrnn.BNLSTM` takes them (the plain LSTM uses the last two).
+
+    forward(x (T, N, I), lengths (N,)) -> (y (T, N, 2H), zero at padded positions;
+    (h_n, c_n) each (2, N, H): forward state at each sequence's last token, backward state
+    at its first).
+    """
+    if spec.norm is None:
+        lstm = _PackedLSTM(input_size, hidden_size, bidirectional=True)
+        for sfx in ("_l0", "_l0_reverse"):
+            w = [getattr(lstm, n + sfx) for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            init_direction(*w, kw["weight_init"], 4, kw["forget_bias"])
+        return lstm
+    bn = {"norm": spec.norm, "input_stats": spec.input_stats or input_stats, **kw}
+    if spec.reverse == "unpadded":
+        return bnrnn.BNLSTM(input_size, hidden_size, bidirectional=True, **bn)
+    return _PaddedReverseBiLSTM(input_size, hidden_size, **bn)
+
+
 class BiEncoder(nn.Module):
-    """A bidirectional one-layer LSTM of the given variant over a padded batch.
+    """The reader's bidirectional LSTM (`reader_lstm`) over a padded batch.
 
     forward(x (T, N, I), lengths (N,)) -> (y (T, N, 2H), zero at padded positions;
     final (N, 2H) = [forward state at each sequence's last token ; backward state at its
     first token]).
     """
 
-    def __init__(
-        self,
-        variant: Variant,
-        input_size: int,
-        hidden_size: int,
-        max_length: int,
-        momentum: float | None = 0.1,
-        eps: float = 1e-5,
-        gamma_init: float = 0.1,
-        weight_init: str = "orthogonal",
-        forget_bias: float = 0.0,
-    ) -> None:
+    def __init__(self, spec: ModelSpec, input_size: int, hidden_size: int, **kw: Any) -> None:
         super().__init__()
-        self.variant = variant
         self.hidden_size = hidden_size
-        self.lstm: nn.Module | None = None
-        self.forward_lstm: nn.Module | None = None
-        self.backward_lstm: nn.Module | None = None
-        bn = {
-            "norm": "cooijmans",
-            "input_stats": variant.input_stats,
-            "max_length": max_length,
-            "momentum": momentum,
-            "eps": eps,
-            "gamma_init": gamma_init,
-            "weight_init": weight_init,
-            "forget_bias": forget_bias,
-        }
-        if not variant.bn_lstm:
-            self.lstm = nn.LSTM(input_size, hidden_size, bidirectional=True)
-            for sfx in ("_l0", "_l0_reverse"):
-                w = [
-                    getattr(self.lstm, n + sfx)
-                    for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-                ]
-                init_direction(*w, weight_init, 4, forget_bias)
-        elif variant.reverse == "unpadded":
-            self.lstm = bnrnn.BNLSTM(input_size, hidden_size, bidirectional=True, **bn)
-        else:
-            self.forward_lstm = bnrnn.BNLSTM(input_size, hidden_size, **bn)
-            del bn["norm"]
-            self.backward_lstm = PaddedReverseBNLSTM(input_size, hidden_size, **bn)
+        self.lstm = reader_lstm(spec, input_size, hidden_size, **kw)
 
     def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        T = x.shape[0]
-        if isinstance(self.lstm, nn.LSTM):
-            packed = pack_padded_sequence(x, lengths.to("cpu"), enforce_sorted=False)
-            out, (h_n, _) = self.lstm(packed)
-            y, _ = pad_packed_sequence(out, total_length=T)  # (T, N, 2H), zero padded
-            return y, torch.cat([h_n[0], h_n[1]], -1)
-        if self.lstm is not None:
-            y, (h_n, _) = self.lstm(x, lengths=lengths)
-            return y, torch.cat([h_n[0], h_n[1]], -1)
-        assert self.forward_lstm is not None and self.backward_lstm is not None
-        y_f, (h_f, _) = self.forward_lstm(x, lengths=lengths)  # (T, N, H), (1, N, H)
-        y_b, (h_b, _) = self.backward_lstm(x, lengths)
-        return torch.cat([y_f, y_b], -1), torch.cat([h_f[0], h_b], -1)
+        y, (h_n, _) = self.lstm(x, lengths=lengths)
+        return y, torch.cat([h_n[0], h_n[1]], -1)
 
 
 class _TanhSum(nn.Module):
@@ -356,10 +345,12 @@ class AttentiveReader(nn.Module):
     Args:
         vocab_size: token vocabulary (id 0 is padding).
         num_entities: E, the output classes ``@entity0 .. @entity{E-1}``.
-        model: one of ``VARIANTS``.
+        model: one of ``READER_MODELS``.
         embed_size, hidden_size: word embedding size and H, the units of each LSTM
             direction (Cooijmans Appendix C: 240).
         attention_size: A, the size of m(t) and of g (default: H).
+        input_stats: statistics of the LSTMs' input terms where the model does not fix them
+            (bnlstm, bn-everywhere; ``"frame"`` in the paper).
         max_length: steps with their own BN population statistics.
         momentum, eps, gamma_init: of every BN.
         weight_init: of the LSTMs ("orthogonal" by default, Cooijmans §5); the other
@@ -380,6 +371,7 @@ class AttentiveReader(nn.Module):
         vocab_size: int,
         num_entities: int,
         model: str = "lstm",
+        input_stats: str = "frame",
         embed_size: int = 64,
         hidden_size: int = 64,
         attention_size: int = 0,
@@ -394,13 +386,14 @@ class AttentiveReader(nn.Module):
         entity_offset: int = 3,
     ) -> None:
         super().__init__()
-        if model not in VARIANTS:
-            raise ValueError(f"model must be one of {', '.join(VARIANTS)}, got {model!r}")
+        if model not in READER_MODELS:
+            raise ValueError(f"model must be one of {', '.join(READER_MODELS)}, got {model!r}")
         self.model = model
-        self.variant = v = VARIANTS[model]
+        self.spec = v = MODELS[model]
         self.num_entities = num_entities
         H, A = hidden_size, attention_size or hidden_size
         enc = {
+            "input_stats": input_stats,
             "max_length": max_length,
             "momentum": momentum,
             "eps": eps,

@@ -14,17 +14,14 @@ from __future__ import annotations
 import functools
 import json
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Config
-from ..tasks import Task, load_data
+from ..tasks import ClassifierTask, load_data, split_limits, subset
 from .batching import QABatch, make_batch
 from .cloze import cloze_statistics, load_ptb_cloze
 from .cnn import load_cnn
@@ -45,20 +42,13 @@ CLOZE_SEED = 0
 CLOZE_ENTITIES = 100
 
 
-def _subset(examples: list[QAExample], n: int) -> list[QAExample]:
-    return examples[:n] if n > 0 else examples
-
-
-class QATask(Task):
+class QATask(ClassifierTask):
     """cnn-qa and ptb-cloze: accuracy (percent) of the answer among the candidates."""
-
-    metric = "acc"
-    higher_is_better = True
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
         self.name = cfg.task
-        limits = {"train": cfg.train_subset, "valid": cfg.valid_subset, "test": cfg.test_subset}
+        limits = split_limits(cfg)
         if cfg.task == "cnn-qa":
             splits = load_cnn(
                 cfg.data_dir, limits=limits, relevant_sentences=cfg.relevant_sentences
@@ -76,7 +66,9 @@ class QATask(Task):
             self.num_entities = CLOZE_ENTITIES
         else:
             raise ValueError(f"QATask runs cnn-qa and ptb-cloze, not {cfg.task!r}")
-        self.splits = {k: _subset(v, limits[k]) for k, v in splits.items()}
+        self.splits: dict[str, list[QAExample]] = {
+            k: subset(v, limits[k]) for k, v in splits.items()
+        }
         for k, v in self.splits.items():
             if not v:
                 raise ValueError(f"the {k} split of {cfg.task} is empty")
@@ -84,13 +76,7 @@ class QATask(Task):
             self.splits["train"], self.num_entities, max_size=cfg.max_vocab
         )
         self.vocab_size = len(self.vocab)
-        self.n_train = len(self.splits["train"])
-        self.steps_per_epoch = self.n_train // cfg.batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"batch_size {cfg.batch_size} is larger than the training set ({self.n_train})"
-            )
-        self._order: tuple[int, np.ndarray] | None = None
+        self._set_train_size(len(self.splits["train"]))
 
     def build_model(self) -> nn.Module:
         cfg = self.cfg
@@ -98,6 +84,7 @@ class QATask(Task):
             self.vocab_size,
             self.num_entities,
             cfg.model,
+            input_stats=cfg.input_stats,
             embed_size=cfg.embed_size or cfg.hidden_size,
             hidden_size=cfg.hidden_size,
             max_length=cfg.bn_max_length,
@@ -112,53 +99,23 @@ class QATask(Task):
         )
 
     def train_batch(self, epoch: int, index: int) -> QABatch:
-        if self._order is None or self._order[0] != epoch:
-            rng = np.random.default_rng([self.cfg.seed, epoch, 7919])
-            self._order = (epoch, rng.permutation(self.n_train))
-        B = self.cfg.batch_size
         rng = random.Random(f"{self.cfg.seed}/{epoch}/{index}")
         chunk = [
             shuffle_entities(self.splits["train"][int(i)], rng, self.num_entities)
-            for i in self._order[1][index * B : (index + 1) * B]
+            for i in self._batch_rows(epoch, index)
         ]
         return make_batch(chunk, self.vocab, self.num_entities)
 
-    def train_loss(
-        self, model: nn.Module, batch: QABatch, carry: Any
-    ) -> tuple[Tensor, int, int, Any]:
-        logits = model(*batch.inputs())  # (N, E), -inf outside the candidates
-        loss = F.cross_entropy(logits, batch.answer)
-        correct = int((logits.argmax(-1) == batch.answer).sum())
-        return loss, correct, len(batch), None
+    def logits(self, model: nn.Module, batch: QABatch) -> Tensor:
+        return model(*batch.inputs())  # (N, E), -inf outside the candidates
 
-    def score(self, loss: float, correct: int = 0, count: int = 0) -> float:
-        return 100.0 * correct / max(count, 1)
+    def targets(self, batch: QABatch) -> Tensor:
+        return batch.answer
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, split: str, length: int | None = None) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        examples = self.splits[split]
-        B = self.cfg.eval_batch_size
-        total, correct = 0.0, 0
+    def eval_batches(self, split: str) -> Iterator[QABatch]:
+        examples, B = self.splits[split], self.cfg.eval_batch_size
         for i in range(0, len(examples), B):
-            batch = make_batch(examples[i : i + B], self.vocab, self.num_entities)
-            logits = model(*batch.inputs())
-            total += float(F.cross_entropy(logits, batch.answer, reduction="sum"))
-            correct += int((logits.argmax(-1) == batch.answer).sum())
-        model.train(was_training)
-        n = len(examples)
-        return {"loss": total / n, "acc": 100.0 * correct / n, "count": n}
-
-    def pop_stats_batches(
-        self, n: int
-    ) -> tuple[Iterable[Any], Callable[[nn.Module, Any], Any] | None]:
-        n = self.steps_per_epoch if n <= 0 else min(n, self.steps_per_epoch)
-
-        def forward(model: nn.Module, batch: QABatch) -> None:
-            model(*batch.inputs())
-
-        return (self.train_batch(0, i) for i in range(n)), forward
+            yield make_batch(examples[i : i + B], self.vocab, self.num_entities)
 
     @functools.cached_property
     def _baselines(self) -> dict[str, dict[str, Any]]:
