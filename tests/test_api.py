@@ -234,7 +234,7 @@ def test_bad_input_raises_clear_error(call, error, pattern):
 
 
 BAD_CONFIGS = [
-    ({"norm": "layer"}, r"norm must be one of .* got 'layer'"),
+    ({"norm": "group"}, r"norm must be one of .* got 'group'"),
     ({"input_stats": "batch"}, r"input_stats must be one of .* got 'batch'"),
     ({"norm": "preactivation", "input_stats": "sequence"}, r"got norm='preactivation'"),
     ({"max_length": 0}, r"max_length must be a positive integer, got 0"),

@@ -1,13 +1,15 @@
 """bnrnn: batch-normalised recurrent networks that drop in for `torch.nn.LSTM`.
 
 Cooijmans et al. (2017), "Recurrent Batch Normalization", and Laurent et al. (2016),
-"Batch Normalized Recurrent Neural Networks". The library core depends on torch only.
+"Batch Normalized Recurrent Neural Networks"; the layer-normalised LSTM of Ba et al. (2016),
+"Layer Normalization" (``norm="layer"``). The library core depends on torch only.
 """
 
 from torch import serialization as _serialization
 
 from .cell import BNLSTMCell, BNRNNCell
 from .functional import StepNorms, lstm_step, rnn_step
+from .layernorm import StepLayerNorm
 from .norm import StepBatchNorm
 from .population import update_population_stats
 from .rnn import BNLSTM, BNRNN, convert_sync_batchnorm
@@ -18,6 +20,7 @@ __all__ = [
     "BNRNN",
     "BNRNNCell",
     "StepBatchNorm",
+    "StepLayerNorm",
     "StepNorms",
     "lstm_step",
     "rnn_step",
@@ -30,4 +33,6 @@ __version__ = "0.1.0"
 # `torch.save(model)` that holds these modules then loads without the user listing them
 # (torch < 2.4 has no allowlist and loads whole models with weights_only=False only).
 if hasattr(_serialization, "add_safe_globals"):
-    _serialization.add_safe_globals([BNLSTM, BNRNN, BNLSTMCell, BNRNNCell, StepBatchNorm])
+    _serialization.add_safe_globals(
+        [BNLSTM, BNRNN, BNLSTMCell, BNRNNCell, StepBatchNorm, StepLayerNorm]
+    )

@@ -13,8 +13,17 @@ from torch import Tensor, nn
 from .checks import check_layer_args
 from .functional import StepNorms, lstm_step, rnn_step
 from .init import WEIGHT_INITS, init_direction
+from .layernorm import StepLayerNorm
 from .norm import StepBatchNorm
-from .placement import build_norms, check_placement, needs_batch_of_two
+from .placement import (
+    build_norms,
+    check_placement,
+    default_gamma_init,
+    needs_batch_of_two,
+    norm_prefix,
+)
+
+_NORM_TYPES = (StepBatchNorm, StepLayerNorm)
 
 
 class _BNCellBase(nn.Module):
@@ -30,7 +39,7 @@ class _BNCellBase(nn.Module):
         max_length: int = 100,
         momentum: float | None = 0.1,
         eps: float = 1e-5,
-        gamma_init: float = 0.1,
+        gamma_init: float | None = None,
         forget_bias: float = 0.0,
         weight_init: str = "uniform",
         device: torch.device | str | None = None,
@@ -38,6 +47,7 @@ class _BNCellBase(nn.Module):
     ) -> None:
         super().__init__()
         check_placement(norm, "frame", max_length)
+        gamma_init = default_gamma_init(norm, gamma_init)
         check_layer_args(input_size, hidden_size, eps, momentum, gamma_init, forget_bias)
         if weight_init not in WEIGHT_INITS:
             raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got {weight_init!r}")
@@ -71,8 +81,11 @@ class _BNCellBase(nn.Module):
             device,
             dtype,
         )
+        # BN modules as bn_<key> (None where absent); norm="layer": ln_ih, ln_hh, ln_c
         for key in ("ih", "hh", "pre", "c"):
-            setattr(self, f"bn_{key}", norms.get(key))
+            setattr(self, f"bn_{key}", None)
+        for key, module in norms.items():
+            setattr(self, f"{norm_prefix(norm)}_{key}", module)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -86,7 +99,7 @@ class _BNCellBase(nn.Module):
             self.forget_bias,
         )
         for m in self.children():
-            if isinstance(m, StepBatchNorm):
+            if isinstance(m, _NORM_TYPES):
                 m.reset_parameters()
 
     def reset_running_stats(self) -> None:
@@ -114,7 +127,7 @@ class _BNCellBase(nn.Module):
         x = input.unsqueeze(0) if unbatched else input
         N = x.shape[0]
         uses_batch = self.training or any(
-            m.collecting for m in self.children() if isinstance(m, StepBatchNorm)
+            m.collecting for m in self.children() if isinstance(m, _NORM_TYPES)
         )
         if uses_batch and N < 2 and needs_batch_of_two(self.norm, "frame"):
             raise ValueError(
@@ -132,15 +145,19 @@ class _BNCellBase(nn.Module):
                     raise RuntimeError(f"Expected hidden[{k}] size {expect}, got {list(s.shape)}")
                 state.append(s.unsqueeze(0) if unbatched else s)
             state = tuple(state)
+        prefix = norm_prefix(self.norm)
+        bn_ih, bn_hh, bn_pre, bn_c = (
+            getattr(self, f"{prefix}_{key}", None) for key in ("ih", "hh", "pre", "c")
+        )
         wx = F.linear(x, self.weight_ih)
-        if self.bn_ih is not None:
-            wx = self.bn_ih.step(wx, t)
+        if bn_ih is not None:
+            wx = bn_ih.step(wx, t)
         bias = None if self.bias_ih is None else self.bias_ih + self.bias_hh
 
         def at(bn):
             return None if bn is None else (lambda z: bn.step(z, t))
 
-        norms = StepNorms(hh=at(self.bn_hh), pre=at(self.bn_pre), c=at(self.bn_c))
+        norms = StepNorms(hh=at(bn_hh), pre=at(bn_pre), c=at(bn_c))
         out = step(wx, state, self.weight_hh, bias, norms)
         return tuple(s.squeeze(0) for s in out) if unbatched else out
 
@@ -150,8 +167,10 @@ class BNLSTMCell(_BNCellBase):
 
     ``forward(input (N, I), hx=(h, c) each (N, H), t=0) -> (h', c')``. Parameters as
     `torch.nn.LSTMCell` (``weight_ih`` (4H, I), ``weight_hh`` (4H, H), ``bias_ih``,
-    ``bias_hh`` (4H,)); BN modules ``bn_ih``, ``bn_hh``, ``bn_c``, ``bn_pre`` as in `BNLSTM`.
-    Step ``t`` selects the row of population statistics (`StepBatchNorm.population_row`).
+    ``bias_hh`` (4H,)); BN modules ``bn_ih``, ``bn_hh``, ``bn_c``, ``bn_pre`` as in `BNLSTM`
+    (``norm="layer"``: `StepLayerNorm` modules ``ln_ih``, ``ln_hh``, ``ln_c``, Ba et al.).
+    Step ``t`` selects the row of population statistics (`StepBatchNorm.population_row`;
+    not used by layer normalisation). ``gamma_init``: 0.1 by default, 1.0 for "layer".
     """
 
     _gates = 4

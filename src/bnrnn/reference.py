@@ -14,7 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .functional import State, StepNorms
+from .layernorm import StepLayerNorm
 from .norm import StepBatchNorm
+
+# A normalisation of the direction: batch (statistics per step) or layer (per row).
+Norm = StepBatchNorm | StepLayerNorm
 
 StepFn = Callable[[Tensor, State, Tensor, "Tensor | None", StepNorms], State]
 
@@ -24,22 +28,23 @@ class DirectionParams:
     """Everything one direction of one layer computes with.
 
     weight_ih: (G*H, I); weight_hh: (G*H, H); bias: (G*H,) = bias_ih + bias_hh, or None.
-    The BN modules present depend on the placement (see `bnrnn.rnn`).
+    The normalisation modules present depend on the placement (see `bnrnn.placement`):
+    `StepBatchNorm`, or `StepLayerNorm` for norm="layer".
     """
 
     weight_ih: Tensor
     weight_hh: Tensor
     bias: Tensor | None
-    bn_ih: StepBatchNorm | None = None
-    bn_hh: StepBatchNorm | None = None
-    bn_pre: StepBatchNorm | None = None
-    bn_c: StepBatchNorm | None = None
+    bn_ih: Norm | None = None
+    bn_hh: Norm | None = None
+    bn_pre: Norm | None = None
+    bn_c: Norm | None = None
     input_stats: str = "frame"
 
     def step_norms(self, t: int) -> StepNorms:
         """The normalisations of step ``t`` (absolute index, offset included)."""
 
-        def at(bn: StepBatchNorm | None):
+        def at(bn: Norm | None):
             return None if bn is None else functools.partial(bn.step, t=t)
 
         return StepNorms(hh=at(self.bn_hh), pre=at(self.bn_pre), c=at(self.bn_c))

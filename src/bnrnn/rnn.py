@@ -16,9 +16,16 @@ from torch.nn.utils.rnn import PackedSequence
 from .checks import check_layer_args, finite, positive_int, warn_user
 from .functional import State, lstm_step, rnn_step
 from .init import WEIGHT_INITS, init_direction
+from .layernorm import StepLayerNorm
 from .norm import StepBatchNorm
 from .packing import SortedBatch, prepare_input, reverse_padded, unpadded
-from .placement import build_norms, check_placement, needs_batch_of_two
+from .placement import (
+    build_norms,
+    check_placement,
+    default_gamma_init,
+    needs_batch_of_two,
+    norm_prefix,
+)
 from .reference import DirectionParams, StepFn, reference_direction
 
 IMPLS = ("auto", "fast", "reference")
@@ -46,7 +53,7 @@ class _BNRNNBase(nn.Module):
         max_length: int = 100,
         momentum: float | None = 0.1,
         eps: float = 1e-5,
-        gamma_init: float = 0.1,
+        gamma_init: float | None = None,
         forget_bias: float = 0.0,
         learn_init: bool = False,
         init_noise: float = 0.0,
@@ -59,6 +66,7 @@ class _BNRNNBase(nn.Module):
     ) -> None:
         super().__init__()
         check_placement(norm, input_stats, max_length)
+        gamma_init = default_gamma_init(norm, gamma_init)
         check_layer_args(input_size, hidden_size, eps, momentum, gamma_init, forget_bias)
         positive_int("num_layers", num_layers)
         if isinstance(dropout, bool) or not 0.0 <= float(dropout) <= 1.0:
@@ -128,7 +136,7 @@ class _BNRNNBase(nn.Module):
                     dtype,
                 )
                 for key, module in norms.items():
-                    setattr(self, f"bn_{key}_{tag}", module)
+                    setattr(self, f"{norm_prefix(norm)}_{key}_{tag}", module)
                 self._direction_names.append(tuple(names) + (tag,))
 
         # Cooijmans eq. 1-4 treat h_0 and c_0 as model parameters.
@@ -166,8 +174,10 @@ class _BNRNNBase(nn.Module):
     def flatten_parameters(self) -> None:
         """No-op, for `torch.nn.LSTM` compatibility: the weights are never flattened."""
 
-    def norm_modules(self) -> list[StepBatchNorm]:
-        return [m for m in self.children() if isinstance(m, StepBatchNorm)]
+    def norm_modules(self) -> list[StepBatchNorm | StepLayerNorm]:
+        """The normalisation modules: `StepBatchNorm` (``bn_*``) or, for norm="layer",
+        `StepLayerNorm` (``ln_*``, without population statistics)."""
+        return [m for m in self.children() if isinstance(m, (StepBatchNorm, StepLayerNorm))]
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
@@ -182,7 +192,9 @@ class _BNRNNBase(nn.Module):
         if self.bidirectional:
             s += ", bidirectional=True"
         s += f", norm={self.norm!r}"
-        if self.norm is not None:
+        if self.norm == "layer":
+            s += f", gamma_init={self.gamma_init}"
+        elif self.norm is not None:
             s += f", input_stats={self.input_stats!r}, max_length={self.max_length}"
             s += f", gamma_init={self.gamma_init}"
         if self.learn_init:
@@ -203,14 +215,15 @@ class _BNRNNBase(nn.Module):
             getattr(self, n) if i < 4 else n for i, n in enumerate(self._direction_names[index])
         )
         bias = None if b_ih is None else b_ih + b_hh
+        prefix = norm_prefix(self.norm)
         return DirectionParams(
             w_ih,
             w_hh,
             bias,
-            bn_ih=getattr(self, f"bn_ih_{tag}", None),
-            bn_hh=getattr(self, f"bn_hh_{tag}", None),
-            bn_pre=getattr(self, f"bn_pre_{tag}", None),
-            bn_c=getattr(self, f"bn_c_{tag}", None),
+            bn_ih=getattr(self, f"{prefix}_ih_{tag}", None),
+            bn_hh=getattr(self, f"{prefix}_hh_{tag}", None),
+            bn_pre=getattr(self, f"{prefix}_pre_{tag}", None),
+            bn_c=getattr(self, f"{prefix}_c_{tag}", None),
             input_stats=self.input_stats,
         )
 
@@ -357,16 +370,31 @@ class BNLSTM(_BNRNNBase):
     LSTM (``None``). Statistics are per step over the sequences present at that step
     (frame-wise), or over all unpadded frames for the input term (``input_stats="sequence"``).
 
+    ``norm="layer"`` is the layer-normalised LSTM of Ba et al. (2016, §6.5 and
+    supplementary): the same three terms, each row (one sequence at one step) normalised
+    over its own features (`StepLayerNorm`, modules ``ln_ih_l{k}``, ``ln_hh_l{k}``,
+    ``ln_c_l{k}``)::
+
+        (i, f, g, o) = LN(W_hh h_{t-1}; a_hh) + LN(W_ih x_t; a_ih) + b
+        c_t = sig(f) * c_{t-1} + sig(i) * tanh(g)
+        h_t = sig(o) * tanh(LN(c_t; a_c, b_c))
+
+    It keeps no statistics: evaluation computes what training does, at any length and for
+    a batch of one; ``max_length``, ``momentum`` and ``sync_stats`` have no effect on it
+    (there is nothing to track or all-reduce).
+
     Args (after `torch.nn.LSTM`'s ``input_size, hidden_size, num_layers, bias, batch_first,
     dropout, bidirectional``):
-        norm: the placement, ``"cooijmans"``, ``"input"``, ``"preactivation"`` or ``None``.
+        norm: the placement, ``"cooijmans"``, ``"input"``, ``"preactivation"``, ``"layer"``
+            or ``None``.
         input_stats: ``"frame"`` or ``"sequence"`` statistics for the input term.
         max_length: number of steps with their own population statistics; later steps
             reuse the last row in evaluation (Cooijmans §3).
         momentum: running-average factor of the population statistics, ``None`` for a
             cumulative average.
         eps: added to the variance.
-        gamma_init: initial BN scale (Cooijmans §4: 0.1).
+        gamma_init: initial scale of the normalisations; by default 0.1 for the batch
+            normalisations (Cooijmans §4), 1.0 for ``norm="layer"`` (Ba et al.).
         forget_bias: initial forget-gate bias (in ``bias_ih``), 0 leaves the scheme's value.
         learn_init: learn the initial states ``h0``, ``c0`` of shape (L*D, H).
         init_noise: std of Gaussian noise added to the initial hidden state in training
@@ -411,7 +439,8 @@ class BNLSTM(_BNRNNBase):
 class BNRNN(_BNRNNBase):
     r"""Batch-normalised multi-layer simple RNN with the `torch.nn.RNN` contract:
     ``h_t = tanh(BN(W_hh h_{t-1}) + BN(W_ih x_t) + b)`` (Cooijmans §4, Fig. 1a) with the same
-    placements as `BNLSTM` minus the cell. Arguments are `nn.RNN`'s, then `BNLSTM`'s.
+    placements as `BNLSTM` minus the cell (``norm="layer"``: LN of each of the two terms).
+    Arguments are `nn.RNN`'s, then `BNLSTM`'s.
     """
 
     _gates = 1

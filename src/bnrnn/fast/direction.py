@@ -43,6 +43,8 @@ def supports(x: Tensor, batch_sizes: list[int], p: DirectionParams, step: Any) -
     if kind is None or not x.is_floating_point() or min(batch_sizes) < 1:
         return False
     bns = [bn for bn in (p.bn_ih, p.bn_hh, p.bn_pre, p.bn_c) if bn is not None]
+    if not all(isinstance(bn, StepBatchNorm) for bn in bns):  # layer normalisation
+        return False
     if any(bn.syncing for bn in bns):  # all-reduced statistics: the reference path
         return False
     if p.bn_pre is not None and (p.bn_ih is not None or p.bn_hh is not None):
