@@ -36,6 +36,10 @@ MODELS: dict[str, ModelSpec] = {
     "bnlstm": ModelSpec("BN-LSTM, Cooijmans eq. 6-8", "cooijmans", reverse="padded"),
     "bnlstm-input": ModelSpec("BN of the input term only, Laurent eq. 18", "input"),
     "bnlstm-preact": ModelSpec("BN of the pre-activation, Laurent eq. 17", "preactivation"),
+    # Ba et al. (2016) §6.5: gains start at 1 (the library's default for norm="layer")
+    "lnlstm": ModelSpec(
+        "LN-LSTM, layer normalisation of Ba et al. 2016 §6.5", "layer", defaults={"gamma_init": 1.0}
+    ),
     # the Attentive Reader's variants (Cooijmans §5.4)
     "bn-everywhere": ModelSpec(
         "BN-LSTM and BN in the attention", "cooijmans", bn_attention=True, reverse="padded"
@@ -54,7 +58,7 @@ MODELS: dict[str, ModelSpec] = {
         input_stats="sequence",
     ),
 }
-SEQUENCE_MODELS = ("lstm", "bnlstm", "bnlstm-input", "bnlstm-preact")
+SEQUENCE_MODELS = ("lstm", "bnlstm", "bnlstm-input", "bnlstm-preact", "lnlstm")
 
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 WEIGHT_INITS = ("uniform", "orthogonal", "identity")
@@ -102,7 +106,9 @@ class Config:
     embed_size: int = _f(
         0, "LM input embedding size; 0 = one-hot characters (char LMs) / hidden size (words)"
     )
-    gamma_init: float = _f(0.1, "initial BN scale gamma (Cooijmans §4: 0.1)")
+    gamma_init: float = _f(
+        0.1, "initial normalisation scale gamma (Cooijmans §4: 0.1; lnlstm: 1, Ba et al.)"
+    )
     max_length: int = _f(0, "steps with their own BN population statistics; 0 = seq_len")
     input_stats: str = _f(
         "frame", "BN statistics of the input term: frame or sequence", choices=INPUT_STATS
@@ -453,7 +459,8 @@ def make_config(
     dry_run: bool = False,
     **overrides: Any,
 ) -> Config:
-    """Resolve a configuration: defaults < paper < preset < model < dry-run < overrides."""
+    """Resolve a configuration: defaults < paper < preset < model (`ModelSpec.defaults`,
+    then the task's) < dry-run < overrides."""
     _check_choice("task", task, ALL_TASKS)
     _check_model_of_task(task, model)
     spec = TASKS[task]
@@ -461,6 +468,7 @@ def make_config(
     values: dict[str, Any] = {}
     values.update(spec.base)
     values.update(spec.presets[preset])
+    values.update(MODELS[model].defaults)
     values.update(spec.defaults(model, preset))
     if dry_run:
         values.update(DRY_RUN)

@@ -111,11 +111,13 @@ def _init_head(linear: nn.Linear, weight_init: str) -> None:
 
 def uniform_init_(model: nn.Module, init_range: float) -> None:
     """Every parameter ~ U(-r, r) except the BN scales and shifts and the learned initial
-    states (Zaremba et al. 2014, used by Laurent §5.2); the BN gamma keeps its
+    states (Zaremba et al. 2014, used by Laurent §5.2); the BN (and LN) gamma keeps its
     ``gamma_init``, h0 and c0 stay zero."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".bn_" in name or name.startswith("bn_") or name.endswith(("h0", "c0")):
+            if name.startswith(("bn_", "ln_")) or ".bn_" in name or ".ln_" in name:
+                continue
+            if name.endswith(("h0", "c0")):
                 continue
             p.uniform_(-init_range, init_range)
 

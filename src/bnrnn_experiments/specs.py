@@ -27,7 +27,8 @@ class ModelSpec:
     batch-normalised; ``input_stats``, the statistics of the LSTMs' input terms when the
     model fixes them (None: the ``input_stats`` option); ``reverse``, how the backward
     LSTM reads a padded batch ("unpadded": each sequence's own part reversed, "padded": the
-    padded batch flipped in time, padding first).
+    padded batch flipped in time, padding first). ``defaults``: configuration values of
+    the model, on top of the preset (below the task's per-model values and the overrides).
     """
 
     help: str
@@ -35,6 +36,7 @@ class ModelSpec:
     bn_attention: bool = False
     input_stats: str | None = None
     reverse: str = "unpadded"
+    defaults: Values = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

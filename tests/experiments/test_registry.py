@@ -191,3 +191,21 @@ def test_config_json_of_an_unknown_model_is_a_clear_error(tmp_path: Path, capsys
     (tmp_path / "config.json").write_text(json.dumps({**saved, "model": "bn-e**"}))
     assert main(["evaluate", str(tmp_path)]) == 2
     assert "model of pmnist must be one of lstm, bnlstm" in capsys.readouterr().err
+
+
+def test_lnlstm_is_the_layer_normalised_lstm() -> None:
+    """``--model lnlstm``: bnrnn.BNLSTM(norm="layer") with gains at 1 (Ba et al.), in every
+    sequence task; ``--gamma-init`` still overrides."""
+    import bnrnn
+
+    for task, spec in TASKS.items():
+        if spec.models != READER_MODELS:  # the sequence tasks
+            assert "lnlstm" in spec.models, task
+    cfg = make_config("ptb-char", "lnlstm", "quick")
+    assert cfg.norm == "layer" and cfg.gamma_init == 1.0
+    assert make_config("pmnist", "lnlstm", "quick", gamma_init=0.5).gamma_init == 0.5
+    assert make_config("pmnist", "bnlstm", "quick").gamma_init == 0.1
+    task = TASKS["pmnist"].load_class()(make_config("pmnist", "lnlstm", "quick", dry_run=True))
+    rnn = task.build_model().rnn
+    assert isinstance(rnn, bnrnn.BNLSTM) and rnn.norm == "layer"
+    assert all(bool((m.weight == 1).all()) for m in rnn.norm_modules())

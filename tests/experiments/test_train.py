@@ -15,7 +15,7 @@ from harness_helpers import REAL_DATA, needs
 import bnrnn
 from bnrnn_experiments import rundir as rd
 from bnrnn_experiments.checkpoint import load_checkpoint, seed_everything
-from bnrnn_experiments.config import PRESETS, SEQUENCE_MODELS, TASKS, make_config
+from bnrnn_experiments.config import MODELS, PRESETS, SEQUENCE_MODELS, TASKS, make_config
 from bnrnn_experiments.data import Vocabulary
 from bnrnn_experiments.models import BaselineLSTM
 from bnrnn_experiments.tasks import char_vocabulary, make_task
@@ -54,7 +54,7 @@ def test_dry_run(task: str, model: str, tmp_path: Path, fake_text8_dir: Path) ->
     assert results["metric"] == metric and results["steps"] == cfg.max_steps
     for split in ("valid", "test"):
         assert math.isfinite(results["running"][split][metric])
-    if model == "lstm":
+    if MODELS[model].norm in (None, "layer"):  # no population statistics
         assert results["reestimated"] is None
     else:  # BN: the report has the re-estimated population statistics too
         assert results["pop_batches"] == cfg.pop_batches
