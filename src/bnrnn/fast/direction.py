@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..functional import State, lstm_step, rnn_step
+from ..layernorm import StepLayerNorm
 from ..norm import StepBatchNorm
 from ..packing import unpadded
 from ..reference import DirectionParams
@@ -43,7 +44,8 @@ def supports(x: Tensor, batch_sizes: list[int], p: DirectionParams, step: Any) -
     if kind is None or not x.is_floating_point() or min(batch_sizes) < 1:
         return False
     bns = [bn for bn in (p.bn_ih, p.bn_hh, p.bn_pre, p.bn_c) if bn is not None]
-    if not all(isinstance(bn, StepBatchNorm) for bn in bns):  # layer normalisation
+    layer = [isinstance(bn, StepLayerNorm) for bn in bns]
+    if any(layer) and not (all(layer) and p.bn_pre is None):  # LN: norm="layer" only
         return False
     if any(bn.syncing for bn in bns):  # all-reduced statistics: the reference path
         return False
@@ -84,20 +86,24 @@ def fast_direction(
         t is not None and t.requires_grad for t in (*differentiable, *gammas, beta_c)
     )
     sequence_ih = p.bn_ih is not None and p.input_stats == "sequence"
+    # norm="layer" (Ba et al. §6.5): per-row statistics, no population statistics
+    layer = any(isinstance(bn, StepLayerNorm) for bn in bns.values())
     if reverse:
         if not unpadded(batch_sizes, x.shape[1]):
             raise ValueError("reverse=True needs a batch with no padding")
         # The compiled loops walk x and the output backwards themselves without a backward
-        # (saves the two flips); otherwise flip.
-        if needs_grad or sequence_ih or not uses_compiled(x):
+        # (saves the two flips); otherwise flip. (The Python loops run layer norms.)
+        if needs_grad or sequence_ih or layer or not uses_compiled(x):
             out, state = fast_direction(x.flip(0), batch_sizes, state, p, step, time_offset)
             return out.flip(0), state
     stats: dict[str, Any] = {}
     for key, bn in bns.items():
+        if isinstance(bn, StepLayerNorm):  # no population statistics
+            bn = None
         stats[f"running_mean_{key}"] = None if bn is None else bn.running_mean
         stats[f"running_var_{key}"] = None if bn is None else bn.running_var
         stats[f"num_batches_tracked_{key}"] = None if bn is None else bn.num_batches_tracked
-        stats[f"eps_{key}"] = 0.0 if bn is None else bn.eps
+        stats[f"eps_{key}"] = 0.0 if bns[key] is None else bns[key].eps
         stats[f"momentum_{key}"] = None if bn is None else bn.momentum
         stats[f"batch_stats_{key}"] = bn is not None and bn.uses_batch_stats
     args = DirectionArgs(
@@ -111,6 +117,7 @@ def fast_direction(
         save=needs_grad,
         reverse=reverse,
         **stats,
+        layer=layer,
     )
     out, h_n, c_n, rows = direction(args)
     _write_tracked(args, bns, rows)

@@ -9,7 +9,9 @@ matmuls over many steps.
 
 A BN's statistics for a step are a mean row ``mean[t]`` and a biased-variance row
 ``var[t]``: for a step with batch statistics (`NormPlan.batch_at`) the loop computes and
-stores them, otherwise the caller has filled them with the population row.
+stores them, otherwise the caller has filled them with the population row. A layer
+normalisation (``NormPlan.layer``, Ba et al. §6.5) has a mean and a variance per row
+instead, ``mean[t, r]``, over the row's features, computed at every step.
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ from .plan import RNN_TANH, Plan
 def _normalise(plan: Plan, b: Buffers, key: str, z: Tensor, t: int) -> Tensor:
     """xhat of step t's present rows z (n, F); batch statistics are stored in the rows."""
     nm, stats = plan.norm(key), b.stats[key]
+    if nm.layer:  # each row over its features (Ba et al. §3.1 eq. 4), stored per row (n,)
+        n = z.shape[0]
+        mean, var = stats.mean[t, :n], stats.var[t, :n]
+        mean.copy_(z.mean(1))
+        var.copy_(z.var(1, unbiased=False))
+        return (z - mean[:, None]) * torch.rsqrt(var[:, None] + nm.eps)
     row = 0 if nm.sequence else t
     if nm.batch_at(t):
         stats.mean[row] = z.mean(0)
@@ -84,6 +92,13 @@ def _bn_backward(
     gradient of gamma. With batch statistics the mean and variance depend on z."""
     nm = plan.norm(key)
     g.sums.gamma[key] += (dy * xhat).sum(0)
+    if nm.layer:  # through the row's own mean and variance: the means are over features
+        n = dy.shape[0]
+        rstd = torch.rsqrt(b.stats[key].var[t, :n, None] + nm.eps)
+        d_xhat = dy * p.gamma[key]
+        mean_d = d_xhat.mean(1, keepdim=True)
+        mean_d_xhat = (d_xhat * xhat).mean(1, keepdim=True)
+        return (d_xhat - mean_d - xhat * mean_d_xhat) * rstd
     if nm.sequence:  # the statistic of all frames: done by the caller, all steps at once
         return dy
     rstd = torch.rsqrt(b.stats[key].var[t] + nm.eps)
@@ -106,7 +121,10 @@ def backward_loop(plan: Plan, p: Params, b: Buffers, g: GradBuffers, t0: int, t1
             i, f, gg, o = b.gates[t, :n].chunk(4, 1)
             if plan.c:
                 stats = b.stats["c"]
-                xhat_c = (b.cell[t, :n] - stats.mean[t]) * torch.rsqrt(stats.var[t] + plan.c.eps)
+                mean, var = stats.mean[t], stats.var[t]
+                if plan.c.layer:  # (n,) per row
+                    mean, var = mean[:n, None], var[:n, None]
+                xhat_c = (b.cell[t, :n] - mean) * torch.rsqrt(var + plan.c.eps)
                 tc = torch.tanh(xhat_c * p.gamma["c"] + p.beta_c)
             else:
                 tc = torch.tanh(b.cell[t, :n])

@@ -75,7 +75,9 @@ class DirectionArgs(_Differentiable):
     (H,) the shift of BN(c). kind: "lstm", "rnn_tanh" or "rnn_relu"; time_offset: the index
     of the first step; sequence_ih: one statistic of W_ih x over all frames (Laurent eq.
     20-21); save: a backward follows (keep what it reads); reverse: run x in reversed time
-    (a batch with no padding, without save)."""
+    (a batch with no padding, without save); layer: the norms present are layer
+    normalisations (norm="layer", Ba et al. §6.5: statistics per row, no population
+    statistics, whose arguments are then None)."""
 
     running_mean_ih: Tensor | None
     running_var_ih: Tensor | None
@@ -108,6 +110,7 @@ class DirectionArgs(_Differentiable):
     batch_stats_hh: bool
     batch_stats_pre: bool
     batch_stats_c: bool
+    layer: bool = False
 
     @cached_property
     def plan(self) -> Plan:
@@ -183,6 +186,7 @@ class BackwardArgs(_Differentiable):
     need_x: bool
     need_w_ih: bool
     need_w_hh: bool
+    layer: bool = False
 
     @cached_property
     def plan(self) -> Plan:
@@ -206,6 +210,7 @@ def _plan(a: DirectionArgs | BackwardArgs, save: bool, reverse: bool) -> Plan:
         save=save,
         compiled=uses_compiled(a.x),
         reverse=reverse,
+        layer=a.layer,
     )
 
 
@@ -260,6 +265,8 @@ def _saved_shapes(plan: Plan) -> list[tuple[int, ...]]:
         shapes.append((S, N, H))
     for key, nm in plan.norms():
         rows, F = (1 if nm.sequence else T), (H if key == "c" else G)
+        if nm.layer:  # per-row statistics
+            F = N
         shapes += [(rows, F), (rows, F)]
     return shapes
 

@@ -23,6 +23,9 @@ NORMS = {
     "c": "the cell c_t (Cooijmans eq. 8)",
 }
 NORM_KEYS = tuple(NORMS)
+# With norm="layer" the ih, hh and c keys are layer normalisations (Ba et al. §6.5,
+# supplementary): statistics of each row over its features, (T, N) rows of means and
+# biased variances, always from the batch, never population rows nor tracked.
 
 # Up to this input size the compiled loops compute W_ih x_t inside each step (sequential
 # MNIST has one input): a (T, N, G) buffer and a GEMM with K = 1 cost more than the step.
@@ -42,9 +45,12 @@ class NormPlan:
     eps: float
     batch_steps: int
     sequence: bool = False
+    # layer normalisation (Ba et al.): per-row statistics (T, N), computed at every step
+    # by the loops; batch_steps is 0 (no per-feature batch statistics, nothing tracked)
+    layer: bool = False
 
     def batch_at(self, t: int) -> bool:
-        """Whether the loops compute step t's batch statistics."""
+        """Whether the loops compute step t's (per-feature) batch statistics."""
         return not self.sequence and t < self.batch_steps
 
 
@@ -107,6 +113,11 @@ class Plan:
             and self.T > EVAL_CHUNK
         )
 
+    @property
+    def layer(self) -> bool:
+        """Layer normalisation (norm="layer"): every norm present is per row."""
+        return any(nm.layer for _, nm in self.norms())
+
     def norm(self, key: str) -> NormPlan | None:
         return getattr(self, key)
 
@@ -154,16 +165,21 @@ def make_plan(
     save: bool,
     compiled: bool,
     reverse: bool,
+    layer: bool = False,
 ) -> Plan:
     """The plan of one call over x of ``shape`` (T, N, I). ``norms``: for each BN present,
     (eps, whether it uses batch statistics: training, or collecting population
-    statistics)."""
+    statistics). ``layer``: the norms are layer normalisations (norm="layer"), run by the
+    Python loops (the compiled loops do not take them)."""
     T, N, I = shape
+    compiled = compiled and not layer
 
     def norm(key: str) -> NormPlan | None:
         if key not in norms:
             return None
         eps, batch = norms[key]
+        if layer:
+            return NormPlan(eps, 0, layer=True)
         sequence = key == "ih" and sequence_ih
         return NormPlan(eps, batch_steps(sizes, batch, sequence), sequence)
 

@@ -37,7 +37,9 @@ class _ReplayNorm:
         return out if self.bias is None else out + self.bias
 
     def step(self, z: Tensor, t: int) -> Tensor:
-        if self.nm.batch_at(t):
+        if self.nm.layer:  # each row over its features (Ba et al.)
+            mean, var = z.mean(1, keepdim=True), z.var(1, unbiased=False, keepdim=True)
+        elif self.nm.batch_at(t):
             mean, var = z.mean(0), z.var(0, unbiased=False)
         else:
             mean, var = self.stats.mean[t], self.stats.var[t]

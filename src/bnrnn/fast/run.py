@@ -161,6 +161,10 @@ def forward(
             b.cell[0].copy_(inputs.c0)  # the running cell state, updated in place
     in_place = set()
     for key, nm in plan.norms():
+        if nm.layer:  # per-row statistics (T, N), all computed by the loops; zero for the
+            # padded rows, which are never normalised (a recomputation reads them finite)
+            b.stats[key] = NormStats(place.zeros(T, N), place.zeros(T, N))
+            continue
         rows = 1 if nm.sequence else T
         pop = populations[key]
         if _reads_in_place(plan, nm, pop, time_offset, rows, x):  # no copy
@@ -178,7 +182,9 @@ def forward(
     # Steps with batch statistics come first (batch sizes decrease); the population rows
     # of the later steps are read after tracking them, as the step-by-step reference does.
     split = plans.steps_of_two(plan.sizes)
-    frame_keys = [key for key, nm in plan.norms() if not nm.sequence and key not in in_place]
+    frame_keys = [
+        key for key, nm in plan.norms() if not (nm.sequence or nm.layer) and key not in in_place
+    ]
     for t0, t1 in ((0, split), (split, T)):
         if t0 == t1:
             continue
@@ -408,8 +414,11 @@ def backward(
             z = b.wx[:k]
             torch.mm(x[t0:t1].reshape(k * N, I), w_ih.t(), out=z.view(k * N, G))
             stats = b.stats["ih"]
-            rstd = torch.rsqrt(stats.var[t0:t1, None] + plan.ih.eps)
-            z.sub_(stats.mean[t0:t1, None]).mul_(rstd)
+            if plan.ih.layer:  # per row: (k, N, 1)
+                mean, var = stats.mean[t0:t1, :, None], stats.var[t0:t1, :, None]
+            else:  # per feature: (k, 1, G)
+                mean, var = stats.mean[t0:t1, None], stats.var[t0:t1, None]
+            z.sub_(mean).mul_(torch.rsqrt(var + plan.ih.eps))
         elif saved.wx is not None:
             b.wx = saved.wx[t0:t1]
         run.backward_loop(plan, p, b, g, t0, t1)

@@ -1,0 +1,194 @@
+"""norm="layer" on the fast path (`bnrnn.fast`) against the reference loop: outputs, final
+states and every gradient, float32 and float64, padded and packed input, one and two
+layers, bidirectional, training and evaluation, no-grad evaluation in chunks, inputs wider
+than the hidden size, second derivatives, and gradcheck of the fast path itself.
+
+Layer normalisation runs in the fast path's Python loops under either backend setting
+(the compiled loops do not take it yet: `bnrnn.fast.plan.make_plan`), so both settings
+are tested.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import bnrnn
+from bnrnn import fast
+
+TOL = {torch.float64: (1e-9, 1e-7), torch.float32: (1e-5, 2e-3)}
+
+
+@pytest.fixture(params=["compiled", "python"])
+def backend(request, monkeypatch):
+    """Each backend setting; the backward in chunks of 2 steps and the no-grad input GEMM
+    in chunks of 3 steps (several chunks per call)."""
+    monkeypatch.setattr(fast.run, "MIN_CHUNK", 1)
+    monkeypatch.setattr(fast.plan, "EVAL_CHUNK", 3)
+    previous = fast.get_backend()
+    fast.set_backend(request.param)
+    yield request.param
+    fast.set_backend(previous)
+
+
+def _pair(cls, dtype, input_size=3, hidden=5, **kw):
+    torch.manual_seed(0)
+    ref = cls(input_size, hidden, norm="layer", impl="reference", dtype=dtype, **kw)
+    with torch.no_grad():  # gains and shifts away from 1 and 0
+        for ln in ref.norm_modules():
+            ln.weight.uniform_(0.5, 1.5)
+            if ln.bias is not None:
+                ln.bias.normal_()
+    fused = copy.deepcopy(ref)
+    fused.impl = "fast"
+    return ref, fused
+
+
+def _run(model, x, train, lengths=None, packed=False, time_offset=0, hx=None):
+    model.train(train)
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    if packed:
+        out, state = model(
+            pack_padded_sequence(x, lengths, enforce_sorted=False), hx, time_offset=time_offset
+        )
+        out = out.data
+    else:
+        out, state = model(x, hx, lengths=lengths, time_offset=time_offset)
+    states = state if isinstance(state, tuple) else (state,)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    loss = (out * weights).sum()
+    for k, s in enumerate(states):
+        loss = loss + (s * (1.3 + k)).sum()
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    grads["input"] = x.grad
+    return out.detach(), [s.detach() for s in states], grads
+
+
+def _close(a, b, dtype, what):
+    atol, rtol = TOL[dtype]
+    assert a.shape == b.shape, what
+    scale = float(a.abs().max()) if a.numel() else 0.0
+    err = float((a - b).abs().max()) if a.numel() else 0.0
+    assert err <= atol + rtol * scale, f"{what}: max error {err:.3g} (scale {scale:.3g})"
+
+
+def _compare(r1, r2, dtype):
+    (o1, s1, g1), (o2, s2, g2) = r1, r2
+    _close(o1, o2, dtype, "output")
+    for k, (a, b) in enumerate(zip(s1, s2)):
+        _close(a, b, dtype, f"state {k}")
+    assert set(g1) == set(g2) and len(g1) > 1
+    for name in g1:
+        _close(g1[name], g2[name], dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, True)])
+@pytest.mark.parametrize("cls", [bnrnn.BNLSTM, bnrnn.BNRNN])
+def test_matches_reference(backend, cls, layers, bidirectional, dtype):
+    ref, fused = _pair(cls, dtype, num_layers=layers, bidirectional=bidirectional)
+    torch.manual_seed(1)
+    x = torch.randn(7, 4, 3, dtype=dtype)
+    lengths = [7, 5, 5, 1]
+    cases = [
+        {"train": True},
+        {"train": False},
+        {"train": True, "lengths": lengths},
+        {"train": True, "lengths": lengths, "packed": True},
+        {"train": False, "lengths": lengths, "time_offset": 40},
+    ]
+    for case in cases:
+        _compare(_run(ref, x, **case), _run(fused, x, **case), dtype)
+    D = 2 if bidirectional else 1
+    hx = torch.randn(layers * D, 4, 5, dtype=dtype)
+    hx = (hx, torch.randn_like(hx)) if cls is bnrnn.BNLSTM else hx
+    _compare(_run(ref, x, True, hx=hx), _run(fused, x, True, hx=hx), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("cls", [bnrnn.BNLSTM, bnrnn.BNRNN])
+def test_no_grad_evaluation_and_batch_of_one(backend, cls, dtype):
+    """Without a backward (input GEMM in chunks, the reverse direction walking time
+    backwards) and for a single sequence in training."""
+    ref, fused = _pair(cls, dtype, num_layers=2, bidirectional=True)
+    x = torch.randn(8, 3, 3, dtype=dtype)
+    for train in (False, True):
+        ref.train(train), fused.train(train)
+        for lengths in (None, [8, 6, 2]):
+            with torch.no_grad():
+                o1, s1 = ref(x, lengths=lengths)
+                o2, s2 = fused(x, lengths=lengths)
+            _close(o1, o2, dtype, "output")
+            _close(s1[0] if isinstance(s1, tuple) else s1, s2[0] if isinstance(s2, tuple) else s2,
+                   dtype, "h_n")  # fmt: skip
+    _compare(_run(ref, x[:, :1], True), _run(fused, x[:, :1], True), dtype)
+
+
+@pytest.mark.parametrize("input_size", [1, 12])
+def test_input_narrower_and_wider_than_hidden(backend, input_size):
+    """A wide input keeps xhat_ih for the backward, a narrow one recomputes it."""
+    ref, fused = _pair(bnrnn.BNLSTM, torch.float64, input_size=input_size, hidden=4)
+    x = torch.randn(6, 3, input_size, dtype=torch.float64)
+    for lengths in (None, [6, 4, 3]):
+        _compare(_run(ref, x, True, lengths), _run(fused, x, True, lengths), torch.float64)
+
+
+def test_fast_path_is_taken(backend, monkeypatch):
+    """impl="fast" takes norm="layer" (no ValueError), through `fast_direction`."""
+    calls = []
+    original = fast.fast_direction
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fast, "fast_direction", spy)
+    _, fused = _pair(bnrnn.BNLSTM, torch.float32)
+    fused(torch.randn(4, 2, 3))
+    assert calls
+
+
+def test_second_derivatives(backend):
+    """create_graph=True: a gradient penalty through the replay, as the reference."""
+    ref, fused = _pair(bnrnn.BNLSTM, torch.float64)
+    x = torch.randn(5, 3, 3, dtype=torch.float64)
+    results = []
+    for m in (ref, fused):
+        m.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_(True)
+        out, _ = m(xx, lengths=[5, 4, 2])
+        (gx,) = torch.autograd.grad(out.square().sum(), xx, create_graph=True)
+        gx.square().sum().backward()
+        results.append([p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*results):
+        _close(a, b, torch.float64, "second derivative")
+
+
+@pytest.mark.parametrize("cls", [bnrnn.BNLSTM, bnrnn.BNRNN])
+# xhat_ih recomputed by the backward (input no wider than hidden), or kept (wider input)
+@pytest.mark.parametrize("input_size,hidden", [(2, 3), (10, 3)])
+def test_gradcheck_fast_path(backend, cls, input_size, hidden):
+    """gradcheck in float64 through the fast path itself, initial states included."""
+    _, m = _pair(cls, torch.float64, input_size=input_size, hidden=hidden)
+    m.train()
+    names = [n for n, _ in m.named_parameters()]
+    lengths = [3, 2, 3, 1]
+    lstm = cls is bnrnn.BNLSTM
+
+    def fn(x, h0, c0, *ps):
+        hx = (h0, c0) if lstm else h0
+        out, state = torch.func.functional_call(
+            m, dict(zip(names, ps)), (x, hx), {"lengths": lengths}
+        )
+        return (out, *state) if lstm else (out, state)
+
+    x = torch.randn(3, 4, input_size, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(1, 4, hidden, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(1, 4, hidden, dtype=torch.float64, requires_grad=lstm)
+    params = tuple(p.detach().clone().requires_grad_() for p in m.parameters())
+    assert torch.autograd.gradcheck(fn, (x, h0, c0) + params, eps=1e-6, atol=1e-5, rtol=1e-4)
