@@ -17,7 +17,9 @@ with the same input form (packed where ours is packed):
   activations, temporaries, gradients, library scratch.
 
 for bnrnn's fast path (``impl="auto"``, norm="cooijmans", and norm="input" /
-"preactivation" for speed), and the plain reference loop (``impl="reference"``). Every
+"preactivation" for speed), the layer-normalised LSTM on the fast path (``fast-layer``,
+norm="layer", Ba et al. §6.5: its own rows, speed and peak memory), and the plain reference
+loop (``impl="reference"``). ``--variants`` runs a subset (nn.LSTM always runs). Every
 model runs once per round, side by side (interleaved), for ``--rounds`` rounds: times are
 the best of the rounds; time ratios are the median over rounds of the model's time /
 nn.LSTM's time in the same round, since the machine's speed drifts by 10-20% over seconds
@@ -80,6 +82,7 @@ VARIANTS = {
     "fast": ("auto", "cooijmans"),
     "fast-input": ("auto", "input"),
     "fast-preact": ("auto", "preactivation"),
+    "fast-layer": ("auto", "layer"),
     "reference": ("reference", "cooijmans"),
 }
 
@@ -272,6 +275,9 @@ def main() -> None:
     ap.add_argument("--ref-rounds", type=int, default=2, help="rounds for the reference loop")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference loop")
+    ap.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated models (lstm always)"
+    )
     ap.add_argument("--no-peak", action="store_true", help="skip the peak-RSS subprocesses")
     ap.add_argument("--no-growth", action="store_true", help="skip the growth with T")
     ap.add_argument("--quick", action="store_true", help="2 rounds, no reference path")
@@ -285,7 +291,13 @@ def main() -> None:
     if args.quick:
         args.rounds, args.no_reference = 2, True
     torch.set_num_threads(args.threads)
-    variants = [v for v in VARIANTS if not (args.no_reference and v == "reference")]
+    chosen = {"lstm", *args.variants.split(",")}
+    unknown = chosen - set(VARIANTS)
+    if unknown:
+        raise SystemExit(
+            f"--variants: unknown {', '.join(sorted(unknown))}; one of {list(VARIANTS)}"
+        )
+    variants = [v for v in VARIANTS if v in chosen and not (args.no_reference and v == "reference")]
     print(
         f"torch {torch.__version__}, {args.threads} threads, float32; times: best of "
         f"{args.rounds} interleaved rounds"
@@ -312,7 +324,9 @@ def main() -> None:
         )
         peaks = {}
         for v in variants:
-            if not args.no_peak and not v.startswith("fast-"):
+            # (the fast path's other placements share the cooijmans row's buffers; the
+            # layer norm's statistics and loops are its own: measured too)
+            if not args.no_peak and (not v.startswith("fast-") or v == "fast-layer"):
                 peaks[v] = peak_bytes(cfg, v, args.threads)
         for v in variants:
             tr, ev = best[v, "train"], best[v, "eval"]
