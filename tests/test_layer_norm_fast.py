@@ -3,9 +3,9 @@ states and every gradient, float32 and float64, padded and packed input, one and
 layers, bidirectional, training and evaluation, no-grad evaluation in chunks, inputs wider
 than the hidden size, second derivatives, and gradcheck of the fast path itself.
 
-Layer normalisation runs in the fast path's Python loops under either backend setting
-(the compiled loops do not take it yet: `bnrnn.fast.plan.make_plan`), so both settings
-are tested.
+Both loop backends: the compiled loops (``csrc/layer.h``: each thread runs every step for
+its own batch rows) on one thread and on two ("compiled-rows", with few rows per thread),
+and the Python loops.
 """
 
 from __future__ import annotations
@@ -22,15 +22,26 @@ from bnrnn import fast
 TOL = {torch.float64: (1e-9, 1e-7), torch.float32: (1e-5, 2e-3)}
 
 
-@pytest.fixture(params=["compiled", "python"])
+@pytest.fixture(params=["compiled", "compiled-rows", "python"])
 def backend(request, monkeypatch):
-    """Each backend setting; the backward in chunks of 2 steps and the no-grad input GEMM
+    """Each loop backend; the backward in chunks of 2 steps and the no-grad input GEMM
     in chunks of 3 steps (several chunks per call)."""
     monkeypatch.setattr(fast.run, "MIN_CHUNK", 1)
     monkeypatch.setattr(fast.plan, "EVAL_CHUNK", 3)
     previous = fast.get_backend()
-    fast.set_backend(request.param)
+    threads = torch.get_num_threads()
+    fast.set_backend("python" if request.param == "python" else "compiled")
+    rows = request.param == "compiled-rows"
+    if rows:  # the batch rows split over two threads however small the step
+        from bnrnn.fast import compiled
+
+        compiled.load()
+        torch.set_num_threads(2)
+        macs = compiled.set_block_macs(1)
     yield request.param
+    if rows:
+        compiled.set_block_macs(macs)
+        torch.set_num_threads(threads)
     fast.set_backend(previous)
 
 
@@ -138,8 +149,10 @@ def test_input_narrower_and_wider_than_hidden(backend, input_size):
         _compare(_run(ref, x, True, lengths), _run(fused, x, True, lengths), torch.float64)
 
 
-def test_fast_path_is_taken(backend, monkeypatch):
-    """impl="fast" takes norm="layer" (no ValueError), through `fast_direction`."""
+@pytest.mark.parametrize("cls", [bnrnn.BNLSTM, bnrnn.BNRNN])
+def test_fast_path_and_its_loops_are_taken(backend, cls, monkeypatch):
+    """impl="fast" takes norm="layer" (no ValueError), through `fast_direction`, with the
+    compiled loops when they are chosen (the Python loops are then never called)."""
     calls = []
     original = fast.fast_direction
 
@@ -147,9 +160,19 @@ def test_fast_path_is_taken(backend, monkeypatch):
         calls.append(1)
         return original(*args, **kwargs)
 
+    def python_loops(*args, **kwargs):
+        raise AssertionError("the Python loops ran")
+
     monkeypatch.setattr(fast, "fast_direction", spy)
-    _, fused = _pair(bnrnn.BNLSTM, torch.float32)
-    fused(torch.randn(4, 2, 3))
+    if backend != "python":
+        monkeypatch.setattr(fast.loops, "forward_loop", python_loops)
+        monkeypatch.setattr(fast.loops, "backward_loop", python_loops)
+    _, fused = _pair(cls, torch.float32)
+    out, _ = fused(torch.randn(4, 2, 3))
+    out.sum().backward()
+    fused.eval()
+    with torch.no_grad():
+        fused(torch.randn(9, 2, 3))
     assert calls
 
 

@@ -229,6 +229,7 @@ class CompiledLoops:
             "inline_ih": plan.inline_ih,
             "step_ih": plan.step_ih,
             "recompute_act": plan.recompute_act,
+            "layer": plan.layer,
             "out": b.out,
             "h0": p.h0,
             "c0": p.c0,

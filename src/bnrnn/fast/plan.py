@@ -169,10 +169,10 @@ def make_plan(
 ) -> Plan:
     """The plan of one call over x of ``shape`` (T, N, I). ``norms``: for each BN present,
     (eps, whether it uses batch statistics: training, or collecting population
-    statistics). ``layer``: the norms are layer normalisations (norm="layer"), run by the
-    Python loops (the compiled loops do not take them)."""
+    statistics). ``layer``: the norms are layer normalisations (norm="layer"; the
+    compiled loops run them in csrc/layer.h, with W_ih x given for all steps and the gate
+    activations kept)."""
     T, N, I = shape
-    compiled = compiled and not layer
 
     def norm(key: str) -> NormPlan | None:
         if key not in norms:
@@ -190,10 +190,13 @@ def make_plan(
     # Cooijmans eq. 6 and Laurent eq. 17 in the compiled loops: the backward recomputes the
     # gate activations from xhat_hh (kept) and xhat_ih (kept or recomputed), or from
     # xhat_pre (kept), instead of keeping a (T, N, G) buffer of them: fresh memory is dear.
-    recompute_act = compiled and lstm and ((ih is not None and hh is not None) or pre is not None)
+    recompute_act = (
+        compiled and lstm and not layer and ((ih is not None and hh is not None) or pre is not None)
+    )
     # ("preactivation" keeps xhat of the whole pre-activation in wx for the backward)
     inline_ih = (
         compiled
+        and not layer
         and I <= INLINE_MAX_INPUT
         and not ((pre is not None or keep_ih) and save)
         and not sequence
@@ -203,7 +206,7 @@ def make_plan(
     # statistics and inputs wider than H; otherwise it recomputes xhat_ih. Then the compiled
     # loops compute W_ih x_t at each step, forward and backward, each block its own columns
     # (read back from L1/L2; one GEMM per chunk of steps was no faster).
-    step_ih = compiled and not inline_ih and not sequence and not keep_wx
+    step_ih = compiled and not layer and not inline_ih and not sequence and not keep_wx
     return Plan(
         kind=kind,
         sizes=sizes,

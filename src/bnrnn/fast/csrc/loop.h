@@ -61,6 +61,8 @@ struct Loop {
   // eq. 17): gates is a one-step scratch and the backward recomputes the gate activations
   // from xhat_hh (wh) and xhat_ih, or from xhat_pre (wx), which it has anyway
   bool recompute_act = false;
+  // norm="layer" (layer.h): ih, hh, c are layer normalisations, statistics (T, N) per row
+  bool layer = false;
   int64_t wx_base = 0;  // the forward's wx holds steps [wx_base, ...)
   // the forward's buffers and parameters (undefined: absent)
   at::Tensor wx, wh, gates, cell, tanh_cell, out, h0, c0, w_hh_t, bias;

@@ -28,6 +28,7 @@
 #include "forward.h"
 #include "gemm.h"
 #include "kernels.h"
+#include "layer.h"
 #include "loop.h"
 
 namespace bnrnn_fast {
@@ -121,6 +122,7 @@ Loop common(const Named& a) {
   lp.inline_ih = a.flag("inline_ih");
   lp.step_ih = a.flag("step_ih");
   lp.recompute_act = a.flag("recompute_act");
+  lp.layer = a.flag("layer");
   return lp;
 }
 
@@ -152,8 +154,17 @@ void forward_loop(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   TORCH_CHECK(lp.I > 0 || !(lp.inline_ih || lp.step_ih), "W_ih x_t in the step needs x");
   TORCH_CHECK(!lp.reverse || (!lp.save && (lp.inline_ih || lp.step_ih)),
               "reversed time: steps without a backward, W_ih x_t computed in the step");
-  AT_DISPATCH_FLOATING_TYPES(lp.out.scalar_type(), "bnrnn_fast::forward_loop",
-                             [&] { forward_impl<scalar_t>(lp); });
+  TORCH_CHECK(!lp.layer || (lp.ih.on && lp.hh.on && lp.c.on == (lp.kind == LSTM) &&
+                            !lp.pre.on && !lp.inline_ih && !lp.step_ih && !lp.reverse &&
+                            !lp.recompute_act),
+              "layer normalisation: LN of W_ih x (given), W_hh h and (LSTM) c");
+  AT_DISPATCH_FLOATING_TYPES(lp.out.scalar_type(), "bnrnn_fast::forward_loop", [&] {
+    if (lp.layer) {
+      layer_forward_impl<scalar_t>(lp);
+    } else {
+      forward_impl<scalar_t>(lp);
+    }
+  });
   torch::jit::drop(*stack, op.schema().arguments().size());
 }
 
@@ -186,8 +197,16 @@ void backward_loop(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   set_norms(lp, a);
   TORCH_CHECK(lp.I > 0 || !(lp.inline_ih || (lp.step_ih && lp.ih.on)),
               "W_ih x_t in the step needs x");
-  AT_DISPATCH_FLOATING_TYPES(lp.out.scalar_type(), "bnrnn_fast::backward_loop",
-                             [&] { backward_impl<scalar_t>(lp); });
+  TORCH_CHECK(!lp.layer || (lp.ih.on && lp.hh.on && lp.c.on == (lp.kind == LSTM) &&
+                            lp.d_wh.defined() && !lp.recompute_act),
+              "layer normalisation: LN of W_ih x, W_hh h and (LSTM) c, separate d_wh");
+  AT_DISPATCH_FLOATING_TYPES(lp.out.scalar_type(), "bnrnn_fast::backward_loop", [&] {
+    if (lp.layer) {
+      layer_backward_impl<scalar_t>(lp);
+    } else {
+      backward_impl<scalar_t>(lp);
+    }
+  });
   torch::jit::drop(*stack, op.schema().arguments().size());
 }
 
@@ -204,7 +223,7 @@ constexpr const char* FORWARD_LOOP =
     "float eps_ih, float eps_hh, float eps_pre, float eps_c, "
     "int batch_steps_ih, int batch_steps_hh, int batch_steps_pre, int batch_steps_c, "
     "bool sequence_ih, bool save, int wx_base, bool inline_ih, bool step_ih, bool reverse, "
-    "bool recompute_act) -> ()";
+    "bool recompute_act, bool layer=False) -> ()";
 
 constexpr const char* BACKWARD_LOOP =
     "backward_loop("
@@ -222,7 +241,8 @@ constexpr const char* BACKWARD_LOOP =
     "*, str kind, int[] batch_sizes, int t0, int t1, "
     "float eps_ih, float eps_hh, float eps_pre, float eps_c, "
     "int batch_steps_ih, int batch_steps_hh, int batch_steps_pre, int batch_steps_c, "
-    "bool sequence_ih, bool inline_ih, bool step_ih, bool recompute_act) -> ()";
+    "bool sequence_ih, bool inline_ih, bool step_ih, bool recompute_act, "
+    "bool layer=False) -> ()";
 
 }  // namespace
 }  // namespace bnrnn_fast

@@ -1,0 +1,257 @@
+// The compiled loops of norm="layer": the layer-normalised LSTM and RNN of Ba et al. (2016,
+// §6.5 and supplementary), steps [t0, t1) of one direction (bnrnn/fast/loops.py does the
+// same in PyTorch, with NormPlan.layer):
+//   (i, f, g, o) = LN(W_hh h_{t-1}; g_hh) + LN(W_ih x_t; g_ih) + b
+//   c_t = sig(f) c_{t-1} + sig(i) tanh(g),  h_t = sig(o) tanh(LN(c_t; g_c, b_c))
+// (the RNN: h_t = act(LN(W_hh h_{t-1}) + LN(W_ih x_t) + b)).
+//
+// Each LN normalises one row (one sequence at one step) over all its features, so the rows
+// of the batch are independent for the whole sequence: each thread runs every step for
+// its own rows, with no barrier (forward_rows in forward.h does the same for evaluation
+// of the BN placements). Buffers as in loop.h, with the statistics of each LN as (T, N)
+// rows of means and biased variances, one per row; wx holds W_ih x for every step (or a
+// chunk of them from wx_base), normalised in place to xhat_ih; gates are saved per step
+// (no recomputation); the backward reads xhat_ih of the chunk's steps at t - t0 in wx.
+
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "gemm.h"
+#include "kernels.h"
+#include "loop.h"
+
+namespace bnrnn_fast {
+
+// z[0..F) <- (z - mean) / sqrt(var + eps), the row's mean and biased variance stored
+// (Ba et al. §3.1 eq. 4). Two passes, as torch's layer_norm computes them.
+template <typename T>
+__attribute__((noinline)) void ln_row(T* __restrict__ z, int64_t F, T eps, T* mean, T* var) {
+  T s = T(0);
+  for (int64_t j = 0; j < F; ++j) s += z[j];
+  const T m = s / T(F);
+  T v = T(0);
+  for (int64_t j = 0; j < F; ++j) {
+    const T d = z[j] - m;
+    v += d * d;
+  }
+  v /= T(F);
+  *mean = m, *var = v;
+  const T rs = T(1) / std::sqrt(v + eps);
+  for (int64_t j = 0; j < F; ++j) z[j] = (z[j] - m) * rs;
+}
+
+// dz[0..F) = dL/dz of y = gamma * xhat(z) over one row, from dy: the row's mean and
+// variance depend on z, so with d = dy gamma: dz = rstd (d - mean(d) - xhat mean(d xhat)).
+// Accumulates dL/dgamma (+= dy xhat) into gg.
+template <typename T>
+__attribute__((noinline)) void ln_row_backward(const T* __restrict__ dy, const T* __restrict__ xhat,
+                                               const T* __restrict__ gamma, T rstd, int64_t F,
+                                               T* __restrict__ gg, T* __restrict__ dz) {
+  T m1 = T(0), m2 = T(0);
+  for (int64_t j = 0; j < F; ++j) {
+    const T d = dy[j] * gamma[j];
+    gg[j] += dy[j] * xhat[j];
+    m1 += d;
+    m2 += d * xhat[j];
+    dz[j] = d;
+  }
+  m1 /= T(F), m2 /= T(F);
+  for (int64_t j = 0; j < F; ++j) dz[j] = (dz[j] - m1 - xhat[j] * m2) * rstd;
+}
+
+// Threads for n rows: as forward_rows splits them (no more threads than rows).
+inline int64_t layer_threads(const Loop& lp) {
+  if (at::in_parallel_region()) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(n_blocks(lp.N * lp.G * lp.H), lp.N));
+}
+
+// Runs work(r0, r1) on each thread's rows [r0, r1), MKL on the calling thread only.
+template <typename F> void for_rows(int64_t N, int64_t nth, const F& work) {
+  FirstError first;
+#pragma omp parallel num_threads(nth)
+  {
+    MklOneThread one;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const int64_t tid = omp_get_thread_num(), k = omp_get_num_threads();
+    const int64_t r0 = N * tid / k, r1 = N * (tid + 1) / k;
+    first.run([&] { work(tid, r0, r1); });
+  }
+  first.rethrow();
+}
+
+template <typename T>
+void layer_forward_impl(const Loop& lp) {
+  const int64_t N = lp.N, H = lp.H, G = lp.G;
+  const bool lstm = lp.kind == LSTM;
+  const int64_t nth = layer_threads(lp);
+  Blocks bl(H, 1);  // every unit in one block: a thread computes whole rows
+  BlockGemm gh(lp.w_hh_t, H, G / H, bl, (N + nth - 1) / nth);
+  const T* bias = data<T>(lp.bias);
+  const T* g_ih = data<T>(lp.gamma_ih);
+  const T* g_hh = data<T>(lp.gamma_hh);
+  const T* g_c = data<T>(lp.gamma_c);
+  const T* b_c = data<T>(lp.beta_c);
+  auto stat = [&](const Norm& nm, int64_t t, int64_t r, bool var) {
+    return static_cast<T*>(var ? nm.var : nm.mean) + t * N + r;
+  };
+  for_rows(N, nth, [&](int64_t, int64_t r0, int64_t r1) {
+    std::vector<T> tc_row(H);
+    T* tc = tc_row.data();
+    for (int64_t t = lp.t0; t < lp.t1 && r1 > r0; ++t) {
+      const int64_t m = std::clamp<int64_t>(lp.sizes[t] - r0, 0, r1 - r0);
+      const int64_t s = lp.save ? t : 0;
+      const T* h_prev = t == 0 ? data<T>(lp.h0) : data<T>(lp.out) + (t - 1) * N * H;
+      T* wh = data<T>(lp.wh) + s * N * G;
+      gh.run<T>(0, h_prev + r0 * H, wh + r0 * G, m);
+      T* wx = data<T>(lp.wx) + (t - lp.wx_base) * N * G;
+      T* act = data<T>(lp.gates) + (lstm ? s : 0) * N * G;  // (the RNN's: one step)
+      T* out = data<T>(lp.out) + t * N * H;
+      T* cell = lstm ? data<T>(lp.cell) + s * N * H : nullptr;
+      // c_{t-1}: without save the one-step cell itself (updated in place)
+      const T* c_prev = !lstm        ? nullptr
+                        : !lp.save   ? cell
+                        : t == 0     ? data<T>(lp.c0)
+                                     : data<T>(lp.cell) + (t - 1) * N * H;
+      for (int64_t r = r0; r < r0 + m; ++r) {
+        T* xh = wh + r * G;
+        T* xi = wx + r * G;
+        T* a = act + r * G;
+        ln_row<T>(xh, G, T(lp.hh.eps), stat(lp.hh, t, r, false), stat(lp.hh, t, r, true));
+        ln_row<T>(xi, G, T(lp.ih.eps), stat(lp.ih, t, r, false), stat(lp.ih, t, r, true));
+        for (int64_t j = 0; j < G; ++j) a[j] = xi[j] * g_ih[j] + xh[j] * g_hh[j];
+        if (bias) {
+          for (int64_t j = 0; j < G; ++j) a[j] += bias[j];
+        }
+        T* h = out + r * H;
+        if (lstm) {
+          T* c = cell + r * H;
+          if (lp.save) {
+            lstm_cell_row<T, false>(H, H, a, c_prev + r * H, c);
+          } else {
+            lstm_cell_row<T, true>(H, H, a, nullptr, c);
+          }
+          std::copy(c, c + H, tc);
+          ln_row<T>(tc, H, T(lp.c.eps), stat(lp.c, t, r, false), stat(lp.c, t, r, true));
+          for (int64_t j = 0; j < H; ++j) tc[j] = tc[j] * g_c[j] + b_c[j];
+          tanh_mul_row<T>(tc, h, a + 3 * H, H);
+        } else if (lp.kind == RNN_TANH) {
+          for (int64_t j = 0; j < H; ++j) h[j] = th<T>(a[j]);
+        } else {
+          for (int64_t j = 0; j < H; ++j) h[j] = a[j] > T(0) ? a[j] : T(0);
+        }
+      }
+      for (int64_t r = r0 + m; r < r1; ++r) std::memset(out + r * H, 0, H * sizeof(T));
+    }
+  });
+}
+
+template <typename T>
+void layer_backward_impl(const Loop& lp) {
+  const int64_t N = lp.N, H = lp.H, G = lp.G, t0 = lp.t0, t1 = lp.t1;
+  const bool lstm = lp.kind == LSTM;
+  const int64_t nth = layer_threads(lp);
+  Blocks bl(H, 1);
+  RowGemm gh(lp.w_hh, H, bl, (N + nth - 1) / nth);  // dh_{t-1} = da_t W_hh, per thread's rows
+  const T* g_ih = data<T>(lp.gamma_ih);
+  const T* g_hh = data<T>(lp.gamma_hh);
+  const T* g_c = data<T>(lp.gamma_c);
+  const T* b_c = data<T>(lp.beta_c);
+  auto rstd = [&](const Norm& nm, int64_t t, int64_t r) {
+    return T(1) / std::sqrt(static_cast<T*>(nm.var)[t * N + r] + T(nm.eps));
+  };
+  // per thread: the sums of dL/d(bias, g_ih, g_hh) (G each) and of dL/d(g_c, b_c) (H each)
+  const int64_t A = 3 * G + 2 * H;
+  std::vector<T> sums(nth * A, T(0));
+  T* dh_all = data<T>(lp.d_h);
+  for_rows(N, nth, [&](int64_t tid, int64_t r0, int64_t r1) {
+    T* acc = sums.data() + tid * A;
+    T *s_bias = acc, *s_gi = acc + G, *s_gh = acc + 2 * G, *s_gc = acc + 3 * G,
+      *s_bc = acc + 3 * G + H;
+    std::vector<T> scratch(G + 5 * H);
+    T* da = scratch.data();
+    T* dh = da + G;  // dL/dh_t of the row
+    T* xc = dh + H;  // xhat_c
+    T* tc = xc + H;  // tanh(LN(c_t))
+    T* dcn = tc + H;  // dL/d(LN(c_t))
+    T* dcl = dcn + H;  // dL/dc_t through the LN
+    for (int64_t t = t1 - 1; t >= t0 && r1 > r0; --t) {
+      const int64_t m = std::clamp<int64_t>(lp.sizes[t] - r0, 0, r1 - r0);
+      const int64_t k = t - t0;
+      const T* xi_t = data<T>(lp.wx) + k * N * G;  // xhat_ih of the chunk's steps
+      const T* xh_t = data<T>(lp.wh) + t * N * G;  // xhat_hh
+      const T* act_t = data<T>(lp.gates) + t * N * G;
+      const T* d_out = data<T>(lp.d_out) + t * N * H;
+      T* d_wx = data<T>(lp.d_wx) + k * N * G;
+      T* d_wh = data<T>(lp.d_wh) + k * N * G;
+      for (int64_t r = r0; r < r0 + m; ++r) {
+        const T* xi = xi_t + r * G;
+        const T* xh = xh_t + r * G;
+        for (int64_t j = 0; j < H; ++j) dh[j] = d_out[r * H + j] + dh_all[r * H + j];
+        if (lstm) {
+          const T* a = act_t + r * G;
+          const T* c = data<T>(lp.cell) + (t * N + r) * H;
+          const T* cp = t == 0 ? data<T>(lp.c0) + r * H : c - N * H;
+          T* dc_r = data<T>(lp.d_c) + r * H;
+          const T mu = static_cast<T*>(lp.c.mean)[t * N + r], rs = rstd(lp.c, t, r);
+          for (int64_t j = 0; j < H; ++j) {
+            xc[j] = (c[j] - mu) * rs;
+            tc[j] = xc[j] * g_c[j] + b_c[j];
+          }
+          tanh_row<T>(tc, H);
+          for (int64_t j = 0; j < H; ++j) {
+            const T o = a[3 * H + j];
+            dcn[j] = dh[j] * o * (T(1) - tc[j] * tc[j]);
+            s_bc[j] += dcn[j];
+          }
+          ln_row_backward<T>(dcn, xc, g_c, rs, H, s_gc, dcl);
+          for (int64_t j = 0; j < H; ++j) {
+            const T i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
+            const T dc = dc_r[j] + dcl[j];
+            da[j] = dc * g * i * (T(1) - i);
+            da[H + j] = dc * cp[j] * f * (T(1) - f);
+            da[2 * H + j] = dc * i * (T(1) - g * g);
+            da[3 * H + j] = dh[j] * tc[j] * o * (T(1) - o);
+            dc_r[j] = dc * f;
+          }
+        } else {
+          const T* h = data<T>(lp.out) + (t * N + r) * H;
+          if (lp.kind == RNN_TANH) {
+            for (int64_t j = 0; j < H; ++j) da[j] = dh[j] * (T(1) - h[j] * h[j]);
+          } else {
+            for (int64_t j = 0; j < H; ++j) da[j] = h[j] > T(0) ? dh[j] : T(0);
+          }
+        }
+        for (int64_t j = 0; j < G; ++j) s_bias[j] += da[j];
+        ln_row_backward<T>(da, xi, g_ih, rstd(lp.ih, t, r), G, s_gi, d_wx + r * G);
+        ln_row_backward<T>(da, xh, g_hh, rstd(lp.hh, t, r), G, s_gh, d_wh + r * G);
+      }
+      for (int64_t r = r0 + m; r < r1; ++r) {  // sequences already finished at t
+        std::memset(d_wx + r * G, 0, G * sizeof(T));
+        std::memset(d_wh + r * G, 0, G * sizeof(T));
+      }
+      gh.run<T>(0, d_wh + r0 * G, dh_all + r0 * H, m);  // dL/dh_{t-1} of the present rows
+    }
+  });
+  T* out[5] = {data<T>(lp.grad_bias), data<T>(lp.grad_gamma_ih), data<T>(lp.grad_gamma_hh),
+               data<T>(lp.grad_gamma_c), data<T>(lp.grad_beta_c)};
+  const int64_t off[5] = {0, G, 2 * G, 3 * G, 3 * G + H};
+  const int64_t len[5] = {G, G, G, H, H};
+  for (int64_t q = 0; q < 5; ++q) {
+    if (!out[q]) continue;
+    for (int64_t p = 0; p < nth; ++p) {
+      const T* s = sums.data() + p * A + off[q];
+      for (int64_t j = 0; j < len[q]; ++j) out[q][j] += s[j];
+    }
+  }
+}
+
+}  // namespace bnrnn_fast
