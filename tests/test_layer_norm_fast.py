@@ -215,3 +215,43 @@ def test_gradcheck_fast_path(backend, cls, input_size, hidden):
     c0 = torch.randn(1, 4, hidden, dtype=torch.float64, requires_grad=lstm)
     params = tuple(p.detach().clone().requires_grad_() for p in m.parameters())
     assert torch.autograd.gradcheck(fn, (x, h0, c0) + params, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_compile_fullgraph_and_export():
+    """torch.compile(fullgraph=True) takes norm="layer" through ``bnrnn::direction`` (its
+    fake implementation gives the per-row statistics' shapes): equal to eager, gradients
+    too; an evaluation-mode model exports."""
+    eager, _ = _pair(bnrnn.BNLSTM, torch.float32, num_layers=2, bidirectional=True)
+    eager.impl = "fast"
+    compiled_model = copy.deepcopy(eager)
+    run = torch.compile(compiled_model, fullgraph=True, dynamic=False, backend="aot_eager")
+    x = torch.randn(6, 4, 3)
+    (o1, (h1, _)), (o2, (h2, _)) = eager(x), run(x)
+    _close(o1.detach(), o2.detach(), torch.float32, "output")
+    (o1.square().sum() + h1.sum()).backward()
+    (o2.square().sum() + h2.sum()).backward()
+    for (name, p1), p2 in zip(eager.named_parameters(), compiled_model.parameters()):
+        _close(p1.grad, p2.grad, torch.float32, f"grad {name}")
+    eager.eval()
+    program = torch.export.export(eager, (x,))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert sum("bnrnn.direction" in t for t in targets) == 4
+    _close(eager(x)[0].detach(), program.module()(x)[0].detach(), torch.float32, "exported")
+
+
+@pytest.mark.parametrize("cls", [bnrnn.BNLSTM, bnrnn.BNRNN])
+def test_gradgradcheck(cls):
+    """Second derivatives through the fast path (the replay) in float64, padded."""
+    _, m = _pair(cls, torch.float64, input_size=2, hidden=3)
+    m.train()
+    names = [n for n, _ in m.named_parameters()]
+
+    def fn(x, *ps):
+        out, state = torch.func.functional_call(
+            m, dict(zip(names, ps)), (x,), {"lengths": [3, 2, 3]}
+        )
+        return out, (state[0] if isinstance(state, tuple) else state)
+
+    x = torch.randn(3, 3, 2, dtype=torch.float64, requires_grad=True)
+    params = tuple(p.detach().clone().requires_grad_() for p in m.parameters())
+    assert torch.autograd.gradgradcheck(fn, (x, *params), eps=1e-6, atol=1e-4, rtol=1e-3)
