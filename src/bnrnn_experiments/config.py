@@ -344,10 +344,12 @@ _DRY_LM = {"train_subset": 5000, "valid_subset": 1000, "test_subset": 1000}
 
 
 def _mnist_model_defaults(model: str, preset: str) -> dict[str, Any]:
-    if MODELS[model].norm is not None:
+    if MODELS[model].norm not in (None, "layer"):
         # Cooijmans §5.1: the first ~100 pixels are constant over the batch, so the hidden
         # state has zero variance there; noise on the initial state avoids exploding
-        # gradients. (choice) std 0.1: the paper does not give the value.
+        # gradients. (choice) std 0.1: the paper does not give the value. Not for
+        # "layer": its statistics are each row's own, which batch-constant pixels do not
+        # make degenerate (Ba et al. use no such noise).
         return {"init_noise": 0.1}
     return {}
 
