@@ -205,9 +205,8 @@ def test_lnlstm_is_the_layer_normalised_lstm() -> None:
     assert cfg.norm == "layer" and cfg.gamma_init == 1.0
     assert make_config("pmnist", "lnlstm", "quick", gamma_init=0.5).gamma_init == 0.5
     assert make_config("pmnist", "bnlstm", "quick").gamma_init == 0.1
-    # Cooijmans' initial-state noise is for batch statistics (§5.1), not LN
-    assert make_config("pmnist", "lnlstm", "quick").init_noise == 0
-    assert make_config("pmnist", "bnlstm", "quick").init_noise == 0.1
+    # Cooijmans' initial-state noise (§5.1): LN of a zero hidden state needs it as well
+    assert make_config("pmnist", "lnlstm", "quick").init_noise == 0.1
     task = TASKS["pmnist"].load_class()(make_config("pmnist", "lnlstm", "quick", dry_run=True))
     rnn = task.build_model().rnn
     assert isinstance(rnn, bnrnn.BNLSTM) and rnn.norm == "layer"
