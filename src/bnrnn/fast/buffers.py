@@ -37,7 +37,8 @@ class NormStats:
     """One BN's statistics for the steps of a call: mean and biased variance rows (T, F),
     or (1, F) for sequence-wise statistics. The loops compute the rows of the steps with
     batch statistics (`NormPlan.batch_steps`); the caller fills the others with population
-    rows."""
+    rows. A layer normalisation (`NormPlan.layer`, norm="layer") has (T, N) rows instead:
+    the mean and biased variance of each row over its features, computed at every step."""
 
     mean: Tensor
     var: Tensor
