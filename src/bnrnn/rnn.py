@@ -198,6 +198,10 @@ class _BNRNNBase(nn.Module):
     def _step_fn(self) -> StepFn:
         raise NotImplementedError
 
+    def _collecting(self) -> bool:
+        """Is `update_population_stats` running batches through this layer?"""
+        return any(m.collecting for m in self.norm_modules())
+
     def _direction(self, index: int) -> DirectionParams:
         w_ih, w_hh, b_ih, b_hh, tag = (
             getattr(self, n) if i < 4 else n for i, n in enumerate(self._direction_names[index])
@@ -238,8 +242,12 @@ class _BNRNNBase(nn.Module):
                     raise RuntimeError(f"Expected hidden[{k}] size {expect}, got {list(s.shape)}")
                 s = s.unsqueeze(1) if batch.unbatched else s
                 states.append(batch.sort_state(s))
-        if self.training and self.init_noise > 0:
-            # Cooijmans §5.1: Gaussian noise on the initial hidden state.
+        if self.init_noise > 0 and (self.training or self._collecting()):
+            # Cooijmans §5.1: Gaussian noise on the initial hidden state. Also while
+            # `update_population_stats` collects: the population statistics must be those
+            # of the states the layer was trained on, and the normalisation amplifies this
+            # noise to signal level (§5.1), so noise-free statistics differ by orders of
+            # magnitude on the steps where the input is the same for every sequence.
             states[0] = states[0] + self.init_noise * torch.randn_like(states[0])
         return states
 
@@ -257,7 +265,7 @@ class _BNRNNBase(nn.Module):
         w = self.weight_ih_l0
         if x.dtype != w.dtype:
             raise RuntimeError(f"input must have the type {w.dtype}, got type {x.dtype}")
-        uses_batch = self.training or any(m.collecting for m in self.norm_modules())
+        uses_batch = self.training or self._collecting()
         T_local, N_batch = x.shape[0], x.shape[1]
         syncing = [m for m in self.norm_modules() if m.syncing]
         if syncing:
