@@ -227,6 +227,22 @@ def test_no_grad_evaluation(backend, cls, norm, input_stats, dtype):
             _assert_close(a, b, dtype, f"state {k}")
 
 
+def _spy_reads_in_place(monkeypatch) -> list[bool]:
+    """The answers of `fast.run._reads_in_place` for per-step statistics, in call order
+    (sequence-wise statistics, one row for all steps, are always filled)."""
+    seen: list[bool] = []
+    original = fast.run._reads_in_place
+
+    def spy(plan, nm, *args):
+        result = original(plan, nm, *args)
+        if not nm.sequence:
+            seen.append(result)
+        return result
+
+    monkeypatch.setattr(fast.run, "_reads_in_place", spy)
+    return seen
+
+
 @pytest.mark.parametrize("norm,input_stats", PLACEMENTS)
 def test_evaluation_reads_population_rows_in_place(backend, norm, input_stats, monkeypatch):
     """Without a backward and within max_length, the loops read the module's population
@@ -236,16 +252,7 @@ def test_evaluation_reads_population_rows_in_place(backend, norm, input_stats, m
     ref, fused = _pair(
         bnrnn.BNLSTM, torch.float32, norm=norm, input_stats=input_stats, max_length=5
     )
-    seen: list[bool] = []
-    original = fast.run._reads_in_place
-
-    def spy(plan, nm, *args):
-        result = original(plan, nm, *args)
-        if not nm.sequence:  # one row for all steps: always filled
-            seen.append(result)
-        return result
-
-    monkeypatch.setattr(fast.run, "_reads_in_place", spy)
+    seen = _spy_reads_in_place(monkeypatch)
     for m in (ref, fused):
         m.eval()
     for T, grad, in_place in ((5, False, True), (7, False, False), (5, True, False)):
@@ -283,16 +290,7 @@ def test_rows_past_the_last_tracked_row_are_never_read(backend, norm, input_stat
     for m in (ref, fused):
         m.train()
         m(first)
-    seen: list[bool] = []
-    original = fast.run._reads_in_place
-
-    def spy(plan, nm, *args):
-        result = original(plan, nm, *args)
-        if not nm.sequence:  # one row for all steps: always filled
-            seen.append(result)
-        return result
-
-    monkeypatch.setattr(fast.run, "_reads_in_place", spy)
+    seen = _spy_reads_in_place(monkeypatch)
     x = torch.randn(8, 6, 3, dtype=torch.float64)
     for T, offset, grad, in_place in (
         (4, 0, False, True),

@@ -76,3 +76,16 @@ def test_committed_tables_match_committed_runs(capsys: pytest.CaptureFixture[str
     results, doc = ROOT / pt.RESULTS_DIR, ROOT / pt.DOC
     command = ["tables", "--results", str(results), "--doc", str(doc), "--check"]
     assert cli_main(command) == 0, capsys.readouterr().out
+
+
+def test_an_evaluation_made_again_replaces_the_final_scores(tmp_path: Path) -> None:
+    """A run evaluated again by `bnrnn evaluate` (eval.json, best checkpoint) shows those
+    test scores, linked; one of another checkpoint does not count."""
+    run_dir = write_run(tmp_path, "ptb-word-small-lstm", [(4, 1, 4.0), (8, 2, 2.0)])
+    again = {"metric": "ppl", "checkpoint": "best", "running": {"test": {"ppl": 140.0}},
+             "reestimated": {"test": {"ppl": 120.0}}}  # fmt: skip
+    (run_dir / "eval.json").write_text(json.dumps(again))
+    cell = pt._test(1)(load_run(run_dir))
+    assert cell == "140.0 / 120.0 ([eval.json](results/ptb-word-small-lstm/eval.json))"
+    (run_dir / "eval.json").write_text(json.dumps({**again, "checkpoint": "last"}))
+    assert pt._test(1)(load_run(run_dir)) == "140.0 / 139.5"
