@@ -85,7 +85,8 @@ def _add_what(parser: argparse.ArgumentParser, models_default: str | None = "lst
         )
     parser.add_argument(
         "--preset", default="quick",
-        help="named setup: paper (SPEC.md's table) or quick (minutes on a CPU); ptb-word also "
+        help="named setup: paper (the papers' setups: docs/design.md, Paper presets) or quick "
+             "(minutes on a CPU); ptb-word also "
              "has small, medium, large (Laurent §5.2; paper = small). Default: quick",
     )  # fmt: skip
     parser.add_argument(

@@ -109,7 +109,7 @@ def test_presets_resolve() -> None:
             for model in spec.models:
                 cfg = make_config(task, model, preset)
                 assert total_steps(cfg, 1000) > 0
-    # paper numbers (SPEC.md table)
+    # paper numbers (docs/design.md, Paper presets)
     cfg = make_config("pmnist", "bnlstm", "paper")
     assert (cfg.hidden_size, cfg.optimizer, cfg.lr, cfg.optim_momentum, cfg.clip) == (
         100, "rmsprop", 1e-3, 0.9, 1.0)  # fmt: skip
