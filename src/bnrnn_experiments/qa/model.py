@@ -209,7 +209,7 @@ class PaddedReverseBNLSTM(nn.Module):
             mean, var = z.mean(0), z.var(0, unbiased=False)
             seen[key].append((mean.detach(), var.detach()))
         else:
-            row = min(t, bn.max_length - 1)  # Cooijmans §3: the last row beyond T_max
+            row = bn.population_row(t)  # Cooijmans §3: the last tracked row beyond T_max
             mean, var = bn.running_mean[row], bn.running_var[row]
         out = (z - mean) * torch.rsqrt(var + bn.eps) * bn.weight
         return out if bn.bias is None else out + bn.bias
