@@ -20,10 +20,8 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .compare import Run, load_run, plot_runs
-from .rundir import EVAL, read_json
 
 BEGIN = "<!-- paper-tables:begin (written by `bnrnn tables`; edit paper_tables.py) -->"
 END = "<!-- paper-tables:end -->"
@@ -34,27 +32,10 @@ DOC = Path("docs/reproduction.md")
 # -- what a run gives -----------------------------------------------------------------------
 
 
-def final_scores(run: Run) -> dict[str, Any] | None:
-    """The final evaluation of the early-stopped model: ``eval.json`` (written by `bnrnn
-    evaluate` on the best checkpoint) when the run directory holds one, so that a run
-    evaluated again after a fix of the evaluation shows the new scores, else
-    ``results.json``."""
-    again = run.path / EVAL
-    if again.is_file():
-        scores = read_json(again)
-        if scores is not None and scores.get("checkpoint") == "best":
-            return scores
-    return run.results
-
-
-def reevaluated(run: Run) -> bool:
-    return final_scores(run) is not run.results
-
-
 def final_score(run: Run, split: str, stats: str) -> float | None:
     """The final score on ``split`` with the ``stats`` population statistics ("running"
     or "reestimated"); None if absent (no BN: both are the running ones)."""
-    final = final_scores(run)
+    final = run.final
     if final is None:
         return None
     scores = final.get(stats) or final.get("running")
@@ -146,7 +127,9 @@ def _test(digits: int) -> Callable[[Run], str]:
         pair = _pair(
             final_score(run, "test", "running"), final_score(run, "test", "reestimated"), digits
         )
-        return pair + (f" ([eval.json](results/{run.name}/eval.json))" if reevaluated(run) else "")
+        return pair + (
+            f" ([eval.json](results/{run.name}/eval.json))" if run.evaluated is not None else ""
+        )
 
     return cell
 
