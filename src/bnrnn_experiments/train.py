@@ -184,14 +184,11 @@ def train(
     force: bool = False,
     argv: list[str] | None = None,
     quiet: bool = False,
-    stop_at_step: int | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` in ``run_dir`` (default ``runs/{task}-{preset}-{model}``); return the
     final results (also in ``results.json``).
 
     ``resume``: continue from ``ckpt_last.pt`` if there is one (else start afresh).
-    ``stop_at_step``: stop right after this step as a crash would, without the final
-    evaluation (used by the resume tests).
 
     Nothing is written to ``run_dir`` before the data, the model and (on resume) the
     checkpoint are loaded: a run that cannot start leaves the directory as it was.
@@ -217,7 +214,7 @@ def train(
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         try:
-            return _train(cfg, run_dir, resuming, start, log, stop_at_step)
+            return _train(cfg, run_dir, resuming, start, log)
         finally:
             torch.set_num_threads(threads)
 
@@ -323,7 +320,6 @@ def _train(
     resuming: bool,
     start: Callable[[dict[str, Any] | None], None],
     log: Logger,
-    stop_at_step: int | None,
 ) -> dict[str, Any]:
     """The steps of training, top to bottom: setup, resume, the loop, the final scores."""
     run = _setup(cfg, run_dir, log)
@@ -375,10 +371,6 @@ def _train(
         if step % run.save_every == 0 or step == run.total or state.stopped:
             with clock.paused():
                 _save_last(run, state, carry)
-        if stop_at_step is not None and step >= stop_at_step:
-            log.close_bar()
-            log(f"| stopped at step {step} (stop_at_step)")
-            return {"interrupted": True, "step": step}
     log.close_bar()
     wall = clock.since_start()
 
@@ -676,7 +668,6 @@ def _final_scores(run: _Run, state: TrainState) -> dict[str, Any]:
     )
     if run.world > 1 and not run.synced:  # per-process statistics: keep rank 0's everywhere
         du.broadcast_module_state(model)
-    _save_rank_state(model, run.rank)
     scores = du.broadcast_object(scores)
     metric = run.task.metric
     run.log(format_scores(metric, scores))
@@ -776,15 +767,3 @@ def _merge_carry(carries: list | None) -> Any:
     if len(carries) == 1:
         return carries[0]
     return tuple(du.merge_rows([c[k] for c in carries], 1) for k in range(len(carries[0])))
-
-
-#: Test hook: if set, every rank saves its model's state dict (after the final population
-#: re-estimation) as ``rank{r}.pt`` in this folder.
-RANK_STATE_DIR_ENV = "BNRNN_RANK_STATE_DIR"
-
-
-def _save_rank_state(model: nn.Module, rank: int) -> None:
-    folder = os.environ.get(RANK_STATE_DIR_ENV)
-    if folder:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), Path(folder) / f"rank{rank}.pt")
