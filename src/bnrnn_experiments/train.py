@@ -7,9 +7,10 @@
     then: best checkpoint -> scores with the running population statistics and with
     statistics re-estimated over training batches -> results.json
 
-Resume (`resume=True`) restores the model, optimiser, RNG states, counters and the carried
-hidden state of the word LM from ``ckpt_last.pt``; since batches are a function of
-(seed, epoch, index), the resumed run is bit-identical to an uninterrupted one.
+Resume (`resume=True`) restores the model, optimiser, RNG states, counters (`TrainState`,
+with the sums of the current log window, `MetricsWindow`) and the carried hidden state of
+the word LM from ``ckpt_last.pt``; since batches are a function of (seed, epoch, index), the
+resumed run is bit-identical to an uninterrupted one.
 
 Under ``torchrun`` (see `bnrnn_experiments.distributed`) every process trains on its rows of
 each global batch, in `torch.nn.parallel.DistributedDataParallel` with the BN statistics
@@ -513,7 +514,8 @@ def _optimizer_step(run: _Run, state: TrainState, lr: float, loss: float, grad_n
     """Update the parameters, or skip the update when the gradient norm is not finite;
     raise `TrainingDiverged` on a non-finite loss, an overflowing update, or too many
     skipped steps in a row."""
-    if math.isfinite(grad_norm):  # the same decision on every rank
+    # DDP reduced the gradients: the norm, hence the decision, is the same on every rank
+    if math.isfinite(grad_norm):
         try:
             run.optimizer.step()
         except RuntimeError as e:  # an update beyond float32 (e.g. Adam with lr 1e38)
@@ -541,7 +543,7 @@ def _log_window(
 ) -> None:
     """The log line and metrics.jsonl record of the steps since the last one (their means
     over the global batches), then a new window."""
-    w = state.window = state.window.summed_over_ranks(run.world)  # a collective
+    w = state.window.summed_over_ranks(run.world)  # a collective: every rank is here
     mean = w.loss / w.batches
     if not math.isfinite(mean):  # e.g. an infinite loss with finite gradients
         raise _diverged(run, state.step, f"the mean training loss is {mean}")
