@@ -22,8 +22,8 @@ from .placement import build_norms, check_placement, needs_batch_of_two
 from .reference import DirectionParams, StepFn, reference_direction
 
 IMPLS = ("auto", "fast", "reference")
-# The former name of "fast", still accepted.
-_IMPL_ALIASES = {"fused": "fast"}
+# Deprecated names of an impl, accepted with a FutureWarning: "fused" is "fast".
+_DEPRECATED_IMPLS = {"fused": "fast"}
 
 
 class _BNRNNBase(nn.Module):
@@ -72,7 +72,13 @@ class _BNRNNBase(nn.Module):
             raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got {weight_init!r}")
         if finite("init_noise", init_noise) < 0:
             raise ValueError(f"init_noise must be non-negative, got {init_noise}")
-        impl = _IMPL_ALIASES.get(impl, impl)
+        if impl in _DEPRECATED_IMPLS:
+            warn_user(
+                f"impl={impl!r} is deprecated and will be removed; use "
+                f"impl={_DEPRECATED_IMPLS[impl]!r}",
+                FutureWarning,
+            )
+            impl = _DEPRECATED_IMPLS[impl]
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
@@ -294,13 +300,12 @@ class _BNRNNBase(nn.Module):
                 state: State = tuple(s[index] for s in init)
                 params = self._direction(index)
                 run = reference_direction
-                impl = _IMPL_ALIASES.get(self.impl, self.impl)
-                if impl != "reference":
+                if self.impl != "reference":
                     from . import fast  # the fast path; the reference is its test oracle
 
                     if fast.supports(layer_input, batch.batch_sizes, params, step):
                         run = fast.fast_direction
-                    elif impl == "fast":
+                    elif self.impl == "fast":
                         raise ValueError(
                             "impl='fast' does not support this configuration (synchronised "
                             "statistics or a custom step); use impl='auto' or 'reference'"
@@ -382,7 +387,9 @@ class BNLSTM(_BNRNNBase):
         weight_init: ``"uniform"`` (`nn.LSTM`'s), ``"orthogonal"`` or ``"identity"``.
         impl: ``"auto"`` (the fast path where it applies, else the reference), ``"fast"``
             (the fast path; an error where it does not apply) or ``"reference"`` (the plain
-            Python loop over steps).
+            Python loop over steps); ``"fused"``, a former name of ``"fast"``, is deprecated.
+            Which loops the fast path runs (compiled C++ or PyTorch) is
+            `bnrnn.fast.set_backend`'s choice, not the layer's.
         sync_stats: all-reduce batch statistics over ``process_group`` (default: the
             world) in distributed data-parallel training; see `convert_sync_batchnorm`.
 

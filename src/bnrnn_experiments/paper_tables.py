@@ -57,7 +57,7 @@ def epoch_train_perplexities(run: Run) -> list[float]:
     that never straddle an epoch (``log_interval`` divides the steps per epoch)."""
     if run.results is None or not run.config.get("max_epochs"):
         return []
-    spe, rest = divmod(run.results["steps"], run.config["max_epochs"])
+    per_epoch, rest = divmod(run.results["steps"], run.config["max_epochs"])
     if rest or run.results.get("early_stopped"):
         return []  # not run to its last epoch: the epoch length is not known here
     sums: dict[int, list[float]] = {}
@@ -66,12 +66,12 @@ def epoch_train_perplexities(run: Run) -> list[float]:
         if r.get("kind") != "train":
             continue
         step = r["step"]
-        if prev // spe != (step - 1) // spe:
+        if prev // per_epoch != (step - 1) // per_epoch:
             raise ValueError(
                 f"{run.path}: the log window ending at step {step} straddles an epoch of "
-                f"{spe} steps; train with a --log-interval that divides {spe}"
+                f"{per_epoch} steps; train with a --log-interval that divides {per_epoch}"
             )
-        acc = sums.setdefault((step - 1) // spe, [0.0, 0.0])
+        acc = sums.setdefault((step - 1) // per_epoch, [0.0, 0.0])
         acc[0] += r["loss"] * (step - prev)
         acc[1] += step - prev
         prev = step

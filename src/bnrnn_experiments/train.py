@@ -461,12 +461,12 @@ def _restore_rng(run: _Run, ckpt: dict[str, Any], step: int) -> None:
 def _log_setup(run: _Run) -> None:
     """The header of the log: run, data, model, schedule and processes."""
     cfg, log, world = run.cfg, run.log, run.world
-    spe = run.task.steps_per_epoch
+    per_epoch = run.task.steps_per_epoch
     log(f"| run {run.run_dir}")
     log(f"| {run.task.describe()}")
     optimizer = f"{cfg.optimizer} lr {cfg.lr:g}, clip {cfg.clip:g}"
     log(f"| {cfg.model}: {model_summary(run.model)}; {optimizer}")
-    log(f"| {run.total:,} steps ({spe:,} per epoch), validation every {run.eval_every:,}")
+    log(f"| {run.total:,} steps ({per_epoch:,} per epoch), validation every {run.eval_every:,}")
     if world > 1:
         rows = du.rows_of(cfg.batch_size, 0, world)
         stats = "synchronised" if run.synced else "per process" if has_bn(run.model) else "n/a"
@@ -547,13 +547,13 @@ def _log_window(
     mean = w.loss / w.batches
     if not math.isfinite(mean):  # e.g. an infinite loss with finite gradients
         raise _diverged(run, state.step, f"the mean training loss is {mean}")
-    metric, spe = run.task.metric, run.task.steps_per_epoch
+    metric, per_epoch = run.task.metric, run.task.steps_per_epoch
     score = run.task.score(mean, w.correct, w.count)
     ms = 1000.0 * w.seconds / w.batches
     eta = (run.total - state.step) * w.seconds / w.batches
     skipped = state.skipped - state.skipped_logged
     run.log(
-        f"| epoch {epoch + 1:3d} | {index + 1:5d}/{spe} batches | lr {lr:.3g} "
+        f"| epoch {epoch + 1:3d} | {index + 1:5d}/{per_epoch} batches | lr {lr:.3g} "
         f"| ms/batch {ms:6.1f} | loss {mean:6.3f} | {metric} {score:7.3f} "
         f"| grad {grad_norm:6.2f} | eta {_fmt_time(eta)}"
         + (f" | skipped {skipped} (non-finite gradient)" if skipped else "")
