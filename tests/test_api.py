@@ -251,11 +251,37 @@ def test_bad_configuration_raises_value_error(kwargs, pattern):
 
 
 def test_single_sequence_allowed_in_eval_and_without_frame_wise_statistics():
+    """A batch of one sequence is refused only in training with frame-wise statistics
+    (a step of one row has no batch variance). Elsewhere it runs and gives what that
+    sequence gets in a larger batch: in evaluation and without BN, its row of a batch of
+    three (rows are independent there); with sequence-wise statistics, its row of a batch
+    of itself twice (the same frames twice: the same mean and variance)."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 3)
+    one = x[:, :1]
+
+    def same(a, b):
+        (out_a, (h_a, c_a)), (out_b, (h_b, c_b)) = a, b
+        torch.testing.assert_close(out_a, out_b[:, :1])
+        torch.testing.assert_close(h_a, h_b[:, :1])
+        torch.testing.assert_close(c_a, c_b[:, :1])
+
     m = bnrnn.BNLSTM(3, 4)
+    with pytest.raises(ValueError, match="Expected more than 1 sequence"):
+        m(one)
+    m(x)  # some population statistics
     m.eval()
-    m(torch.randn(5, 1, 3))
-    bnrnn.BNLSTM(3, 4, norm=None)(torch.randn(5, 1, 3))
-    bnrnn.BNLSTM(3, 4, norm="input", input_stats="sequence")(torch.randn(5, 1, 3))
+    same(m(one), m(x))
+
+    plain = bnrnn.BNLSTM(3, 4, norm=None)  # training
+    same(plain(one), plain(x))
+
+    seq = bnrnn.BNLSTM(3, 4, norm="input", input_stats="sequence")  # training
+    same(seq(one), seq(one.expand(5, 2, 3)))
+    (bn,) = seq.norm_modules()  # its batch statistics, once per call: the frames' mean
+    assert bn.num_batches_tracked.tolist() == [2] + [0] * (bn.max_length - 1)
+    wx = one[:, 0] @ seq.weight_ih_l0.detach().t()  # (5, 16)
+    torch.testing.assert_close(bn.running_mean[0], (0.1 + 0.9 * 0.1) * wx.mean(0))
 
 
 def test_cell_errors():

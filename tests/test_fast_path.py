@@ -87,9 +87,9 @@ def _pair(cls, dtype, **kw):
     # 20 hidden units: two blocks of the compiled loops (16 + 4 units)
     ref = cls(3, 20, impl="reference", dtype=dtype, **kw)
     _randomise(ref)
-    fused = copy.deepcopy(ref)
-    fused.impl = "fast"
-    return ref, fused
+    fast_model = copy.deepcopy(ref)
+    fast_model.impl = "fast"
+    return ref, fast_model
 
 
 def _run(
@@ -152,7 +152,7 @@ def test_matches_reference(backend, cls, norm, input_stats, dtype):
     last steps have one sequence: population fallback), more steps than max_length (not
     tracked in training, last row in evaluation), time_offset; training then evaluation.
     Layer 0 has a small input (W_ih x inside the step), layer 1 a large one (one GEMM)."""
-    ref, fused = _pair(
+    ref, fast_model = _pair(
         cls,
         dtype,
         norm=norm,
@@ -171,7 +171,7 @@ def test_matches_reference(backend, cls, norm, input_stats, dtype):
     x = torch.randn(7, 6, 3, dtype=dtype)
     for train, offset in ((True, 0), (True, 2), (False, 2)):
         r1 = _run(ref, x, train, lengths, packed=True, time_offset=offset)
-        r2 = _run(fused, x, train, lengths, packed=True, time_offset=offset)
+        r2 = _run(fast_model, x, train, lengths, packed=True, time_offset=offset)
         _compare(r1, r2, dtype)
 
 
@@ -179,14 +179,16 @@ def test_matches_reference(backend, cls, norm, input_stats, dtype):
 def test_without_onednn(backend, norm):
     """With oneDNN disabled (torch.backends.mkldnn), the input GEMMs and the compiled
     loops' brgemm fall back to torch's GEMM, with the same results."""
-    ref, fused = _pair(bnrnn.BNLSTM, torch.float32, norm=norm, num_layers=2, bidirectional=True)
+    ref, fast_model = _pair(
+        bnrnn.BNLSTM, torch.float32, norm=norm, num_layers=2, bidirectional=True
+    )
     x = torch.randn(6, 5, 3)
     lengths = torch.tensor([6, 4, 6, 5, 3])
     torch.backends.mkldnn.enabled = False
     try:
         for train in (True, False):
             r1 = _run(ref, x, train, lengths, packed=True)
-            r2 = _run(fused, x, train, lengths, packed=True)
+            r2 = _run(fast_model, x, train, lengths, packed=True)
             _compare(r1, r2, torch.float32)
     finally:
         torch.backends.mkldnn.enabled = True
@@ -197,10 +199,10 @@ def test_without_onednn(backend, norm):
 @pytest.mark.parametrize("cls", [bnrnn.BNLSTM, bnrnn.BNRNN])
 def test_no_grad_evaluation(backend, cls, norm, input_stats, dtype):
     """Evaluation under no_grad, where every BN is an affine map and the compiled LSTM step
-    is one fused pass: packed input (steps beyond max_length read the last population row),
+    is one fast_model pass: packed input (steps beyond max_length read the last population row),
     and a batch with no padding (the reverse direction walks time backwards instead of
     flipping), an initial state, two bidirectional layers (a small and a large input)."""
-    ref, fused = _pair(
+    ref, fast_model = _pair(
         cls,
         dtype,
         norm=norm,
@@ -215,7 +217,7 @@ def test_no_grad_evaluation(backend, cls, norm, input_stats, dtype):
     hx = (h0, torch.randn(4, 6, 20, dtype=dtype)) if cls is bnrnn.BNLSTM else h0
     for inp in (pack_padded_sequence(x, lengths, enforce_sorted=False), x):
         results = []
-        for m in (ref, fused):
+        for m in (ref, fast_model):
             m.eval()
             with torch.no_grad():
                 out, state = m(inp, hx)
@@ -227,40 +229,47 @@ def test_no_grad_evaluation(backend, cls, norm, input_stats, dtype):
             _assert_close(a, b, dtype, f"state {k}")
 
 
+def _spy_reads_in_place(monkeypatch) -> list[bool]:
+    """The answers of `fast.run._reads_in_place` for per-step statistics, in call order
+    (sequence-wise statistics, one row for all steps, are always filled)."""
+    seen: list[bool] = []
+    original = fast.run._reads_in_place
+
+    def spy(plan, nm, *args):
+        result = original(plan, nm, *args)
+        if not nm.sequence:
+            seen.append(result)
+        return result
+
+    monkeypatch.setattr(fast.run, "_reads_in_place", spy)
+    return seen
+
+
 @pytest.mark.parametrize("norm,input_stats", PLACEMENTS)
 def test_evaluation_reads_population_rows_in_place(backend, norm, input_stats, monkeypatch):
     """Without a backward and within max_length, the loops read the module's population
     rows themselves (no copy); beyond max_length (the last row reused), with gradients
     (kept for the backward) or in training (batch statistics) they get filled buffers. The
     results match the reference either way."""
-    ref, fused = _pair(
+    ref, fast_model = _pair(
         bnrnn.BNLSTM, torch.float32, norm=norm, input_stats=input_stats, max_length=5
     )
-    seen: list[bool] = []
-    original = fast.run._reads_in_place
-
-    def spy(plan, nm, *args):
-        result = original(plan, nm, *args)
-        if not nm.sequence:  # one row for all steps: always filled
-            seen.append(result)
-        return result
-
-    monkeypatch.setattr(fast.run, "_reads_in_place", spy)
-    for m in (ref, fused):
+    seen = _spy_reads_in_place(monkeypatch)
+    for m in (ref, fast_model):
         m.eval()
     for T, grad, in_place in ((5, False, True), (7, False, False), (5, True, False)):
         x = torch.randn(T, 6, 3, requires_grad=grad)
         seen.clear()
         with torch.set_grad_enabled(grad):
-            (o1, (h1, c1)), (o2, (h2, c2)) = ref(x), fused(x)
+            (o1, (h1, c1)), (o2, (h2, c2)) = ref(x), fast_model(x)
         assert all(s == in_place for s in seen), (T, grad, seen)
         # (no per-step BN: none at all, or input-only with sequence-wise statistics)
         assert seen or norm is None or (norm, input_stats) == ("input", "sequence")
         for what, a, b in (("output", o1, o2), ("h", h1, h2), ("c", c1, c2)):
             _assert_close(a.detach(), b.detach(), torch.float32, f"{what} at T={T}")
-    fused.train()
+    fast_model.train()
     seen.clear()
-    fused(torch.randn(5, 6, 3))
+    fast_model(torch.randn(5, 6, 3))
     assert not any(seen)
 
 
@@ -270,7 +279,7 @@ def test_rows_past_the_last_tracked_row_are_never_read(backend, norm, input_stat
     evaluation (no grad: in place up to step 3, copied past it; with grad), a degenerate
     training step and collecting by update_population_stats read the last tracked row for
     every step past it, per module, like a model whose rows are filled with it."""
-    ref, fused = _pair(
+    ref, fast_model = _pair(
         bnrnn.BNLSTM,
         torch.float64,
         norm=norm,
@@ -280,19 +289,10 @@ def test_rows_past_the_last_tracked_row_are_never_read(backend, norm, input_stat
         momentum=0.5,
     )
     first = torch.randn(4, 6, 3, dtype=torch.float64)
-    for m in (ref, fused):
+    for m in (ref, fast_model):
         m.train()
         m(first)
-    seen: list[bool] = []
-    original = fast.run._reads_in_place
-
-    def spy(plan, nm, *args):
-        result = original(plan, nm, *args)
-        if not nm.sequence:  # one row for all steps: always filled
-            seen.append(result)
-        return result
-
-    monkeypatch.setattr(fast.run, "_reads_in_place", spy)
+    seen = _spy_reads_in_place(monkeypatch)
     x = torch.randn(8, 6, 3, dtype=torch.float64)
     for T, offset, grad, in_place in (
         (4, 0, False, True),
@@ -301,7 +301,7 @@ def test_rows_past_the_last_tracked_row_are_never_read(backend, norm, input_stat
     ):
         filled = with_rows_filled(ref)
         results = []
-        for m in (ref, fused, filled):
+        for m in (ref, fast_model, filled):
             m.eval()
             with torch.set_grad_enabled(grad):
                 out, (h, c) = m(x[:T], time_offset=offset)
@@ -309,25 +309,25 @@ def test_rows_past_the_last_tracked_row_are_never_read(backend, norm, input_stat
         if norm is not None and (norm, input_stats) != ("input", "sequence"):
             assert any(seen) == in_place, (T, offset, seen)
         seen.clear()
-        for got, what in ((results[1], "fused"), (results[2], "filled")):
+        for got, what in ((results[1], "fast"), (results[2], "filled")):
             for a, b, name in zip(results[0], got, ("output", "h", "c")):
                 _assert_close(a, b, torch.float64, f"{what} {name} T={T} offset={offset}")
     # Degenerate steps (one sequence present) in training: steps 4 and 5 read row 3.
     filled = with_rows_filled(ref)
     lengths = [6, 2, 2, 2]
-    r = [_run(m, x[:6, :4], True, lengths) for m in (ref, fused, filled)]
+    r = [_run(m, x[:6, :4], True, lengths) for m in (ref, fast_model, filled)]
     _compare(r[0], r[1], torch.float64)
     _assert_close(r[0][0], r[2][0], torch.float64, "training output against filled rows")
     # Collecting over batches of 5 steps, the last two degenerate: rows 3.. never collected.
     batches = [(x[:5, :4].clone() * (k + 1), [5, 3, 3, 3]) for k in range(2)]
-    for m in (ref, fused):
+    for m in (ref, fast_model):
         bnrnn.update_population_stats(m, batches, lambda m, b: m(b[0], lengths=b[1]))
-    for (name, a), b in zip(ref.named_buffers(), fused.buffers()):
+    for (name, a), b in zip(ref.named_buffers(), fast_model.buffers()):
         _assert_close(a, b, torch.float64, name)
     filled = with_rows_filled(ref)
     with torch.no_grad():
         want = filled.eval()(x)[0]
-        for m in (ref, fused):
+        for m in (ref, fast_model):
             _assert_close(want, m.eval()(x)[0], torch.float64, f"after collecting, {m.impl}")
 
 
@@ -347,8 +347,8 @@ def test_padded_full_length_and_initial_state(backend, norm, input_stats):
         impl="reference",
     )
     _randomise(ref)
-    fused = copy.deepcopy(ref)
-    fused.impl = "fast"
+    fast_model = copy.deepcopy(ref)
+    fast_model.impl = "fast"
     x = torch.randn(8, 9, 12)
     h0 = torch.randn(2, 8, 24, requires_grad=True)
     c0 = torch.randn(2, 8, 24, requires_grad=True)
@@ -356,7 +356,7 @@ def test_padded_full_length_and_initial_state(backend, norm, input_stats):
         r1 = _run(ref, x, train, hx=(h0, c0))
         g1 = (h0.grad.clone(), c0.grad.clone())
         h0.grad = c0.grad = None
-        r2 = _run(fused, x, train, hx=(h0, c0))
+        r2 = _run(fast_model, x, train, hx=(h0, c0))
         g2 = (h0.grad.clone(), c0.grad.clone())
         h0.grad = c0.grad = None
         _compare(r1, r2, torch.float32)
@@ -374,12 +374,12 @@ def test_input_without_gradient(backend, norm, input_stats, I, dtype):
     torch.manual_seed(5)
     ref = bnrnn.BNLSTM(I, 20, norm=norm, input_stats=input_stats, impl="reference", dtype=dtype)
     _randomise(ref)
-    fused = copy.deepcopy(ref)
-    fused.impl = "fast"
+    fast_model = copy.deepcopy(ref)
+    fast_model.impl = "fast"
     x = torch.randn(7, 5, I, dtype=dtype)
     for lengths in (None, [7, 3, 6, 7, 2]):
         r1 = _run(ref, x, True, lengths, input_grad=False)
-        r2 = _run(fused, x, True, lengths, input_grad=False)
+        r2 = _run(fast_model, x, True, lengths, input_grad=False)
         assert r1[2].pop("input") is None and r2[2].pop("input") is None
         _compare(r1, r2, dtype)
 
@@ -393,14 +393,14 @@ def test_large_layer_gemm_in_panels(backend, norm):
     torch.manual_seed(6)
     ref = bnrnn.BNLSTM(40, 400, norm=norm, impl="reference", max_length=4)
     _randomise(ref)
-    fused = copy.deepcopy(ref)
-    fused.impl = "fast"
+    fast_model = copy.deepcopy(ref)
+    fast_model.impl = "fast"
     x = torch.randn(4, 3, 40)
-    _compare(_run(ref, x, True), _run(fused, x, True), torch.float32)
-    for m in (ref, fused):
+    _compare(_run(ref, x, True), _run(fast_model, x, True), torch.float32)
+    for m in (ref, fast_model):
         m.eval()
     with torch.no_grad():
-        (o1, s1), (o2, s2) = ref(x), fused(x)
+        (o1, s1), (o2, s2) = ref(x), fast_model(x)
     _assert_close(o1, o2, torch.float32, "eval output")
     for k, (a, b) in enumerate(zip(s1, s2)):
         _assert_close(a, b, torch.float32, f"eval state {k}")
@@ -411,11 +411,11 @@ def test_bnrnn_nonlinearity_and_lengths(backend, nonlinearity):
     torch.manual_seed(2)
     ref = bnrnn.BNRNN(3, 5, nonlinearity=nonlinearity, impl="reference", dtype=torch.float64)
     _randomise(ref)
-    fused = copy.deepcopy(ref)
-    fused.impl = "fast"
+    fast_model = copy.deepcopy(ref)
+    fast_model.impl = "fast"
     x = torch.randn(6, 4, 3, dtype=torch.float64)
     lengths = [6, 2, 5, 6]
-    _compare(_run(ref, x, True, lengths), _run(fused, x, True, lengths), torch.float64)
+    _compare(_run(ref, x, True, lengths), _run(fast_model, x, True, lengths), torch.float64)
 
 
 @pytest.mark.parametrize("norm", ["cooijmans", "input", "preactivation", None])
@@ -423,18 +423,18 @@ def test_update_population_stats_and_no_grad(backend, norm):
     """The `collecting` flag (batch statistics in eval mode), and the no-grad forward."""
     torch.manual_seed(3)
     ref = bnrnn.BNLSTM(3, 5, norm=norm, max_length=6, impl="reference", dtype=torch.float64)
-    fused = copy.deepcopy(ref)
-    fused.impl = "fast"
+    fast_model = copy.deepcopy(ref)
+    fast_model.impl = "fast"
     batches = [torch.randn(6, 4, 3, dtype=torch.float64) for _ in range(3)]
-    for m in (ref, fused):
+    for m in (ref, fast_model):
         bnrnn.update_population_stats(m, batches)
-    for (n, a), b in zip(ref.named_buffers(), fused.buffers()):
+    for (n, a), b in zip(ref.named_buffers(), fast_model.buffers()):
         _assert_close(a, b, torch.float64, n)
     ref.eval()
-    fused.eval()
+    fast_model.eval()
     with torch.no_grad():
         o1, (h1, c1) = ref(batches[0])
-        o2, (h2, c2) = fused(batches[0])
+        o2, (h2, c2) = fast_model(batches[0])
     for a, b, what in ((o1, o2, "output"), (h1, h2, "h_n"), (c1, c2, "c_n")):
         _assert_close(a, b, torch.float64, what)
 
@@ -526,9 +526,9 @@ def test_buffer_cache_reuses_and_releases(monkeypatch):
 
 
 def test_dispatch():
-    """impl="auto" and "fast" (and its former name "fused") take the fast path on the CPU;
-    "reference" does not."""
-    assert "fast" in bnrnn.rnn.IMPLS
+    """impl="auto" and "fast" take the fast path on the CPU; "reference" does not. "fused",
+    a former name of "fast", is "fast" with a FutureWarning."""
+    assert bnrnn.rnn.IMPLS == ("auto", "fast", "reference")
     calls = []
     original = fast.fast_direction
 
@@ -538,15 +538,16 @@ def test_dispatch():
 
     fast.fast_direction = spy
     try:
-        for impl, expected in (
-            ("auto", True),
-            ("fast", True),
-            ("fused", True),
-            ("reference", False),
-        ):
+        for impl, expected in (("auto", True), ("fast", True), ("reference", False)):
             calls.clear()
             bnrnn.BNLSTM(3, 5, impl=impl)(torch.randn(4, 2, 3))
             assert bool(calls) == expected, impl
+        calls.clear()
+        with pytest.warns(FutureWarning, match=r"impl='fused' is deprecated.*use impl='fast'"):
+            m = bnrnn.BNLSTM(3, 5, impl="fused")
+        assert m.impl == "fast"
+        m(torch.randn(4, 2, 3))
+        assert calls
     finally:
         fast.fast_direction = original
 

@@ -1,6 +1,7 @@
 """Population statistics: rows per step, reuse of the last row, no corruption beyond
 max_length, and re-estimation by `update_population_stats`."""
 
+import copy
 import warnings
 
 import pytest
@@ -276,3 +277,25 @@ def test_update_population_stats_leaves_the_model_as_it_was_if_a_batch_raises(fa
     with pytest.raises(failure):
         bnrnn.update_population_stats(net, [torch.randn(6, 4, 3), bad], forward)
     _assert_unchanged(net, before)
+
+
+def test_update_population_stats_sees_the_initial_state_noise_of_training():
+    """With ``init_noise`` (Cooijmans §5.1) and an input that is the same for every
+    sequence, the recurrent term varies only through the noise: the re-estimated statistics
+    must be the ones training measures (there, the noise), not the noise-free ones (zero)."""
+    torch.manual_seed(0)
+    m = bnrnn.BNLSTM(2, 8, max_length=4, init_noise=1.0)
+    x = torch.zeros(4, 64, 2)
+    assert bnrnn.update_population_stats(m, [x, x, x]) == 3
+    collected = m.bn_hh_l0.running_var[0].clone()
+    assert m.training and m.bn_hh_l0.momentum == 0.1  # mode and momenta restored
+
+    trained = copy.deepcopy(m).train()
+    trained.bn_hh_l0.reset_running_stats()
+    trained.bn_hh_l0.momentum = None  # cumulative average, as update_population_stats
+    for _ in range(3):
+        trained(x)
+    measured = trained.bn_hh_l0.running_var[0]
+    assert float(measured.min()) > 1e-3  # the noise, amplified by W_hh
+    ratio = collected / measured
+    assert float(ratio.min()) > 0.5 and float(ratio.max()) < 2.0, ratio

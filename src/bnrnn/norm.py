@@ -46,11 +46,12 @@ class StepBatchNorm(nn.Module):
     past the longest sequence trained on (or past max_length) reuse the last step's
     statistics (Cooijmans §3: "we use the population statistic of time T_max for all time
     steps beyond it"). In training, steps beyond max_length use batch statistics and are not
-    tracked, with a warning once (SPEC choice), so that the last row is never silently
-    corrupted.
+    tracked, with a warning once (design.md, Training beyond max_length), so that the last
+    row is never silently corrupted.
 
     A training step with fewer than two sequences present has no batch variance: it uses
-    that step's population statistics instead (SPEC choice), so that no NaN or inf appears.
+    that step's population statistics instead (design.md, Degenerate steps), so that no NaN
+    or inf appears.
     """
 
     weight: Tensor

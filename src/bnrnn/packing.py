@@ -54,8 +54,9 @@ class SortedBatch:
 
 
 def batch_sizes_of(lengths: Tensor, T: int) -> list[int]:
-    """Number of sequences present at each step, for lengths sorted in decreasing order."""
-    return (lengths[None, :] > torch.arange(T)[:, None]).sum(1).tolist()
+    """Number of sequences present at each step (the lengths in any order; sorted in
+    decreasing order, they are the batch sizes of the sorted rows)."""
+    return present_steps(lengths, T).sum(1).tolist()
 
 
 def present(batch_sizes: Sequence[int], N: int, device: torch.device | None = None) -> Tensor:
@@ -63,6 +64,12 @@ def present(batch_sizes: Sequence[int], N: int, device: torch.device | None = No
     decreasing length (the ``batch_sizes[t]`` first rows are present at step t)."""
     sizes = torch.as_tensor(list(batch_sizes), device=device)
     return torch.arange(N, device=device)[None, :] < sizes[:, None]
+
+
+def present_steps(lengths: Tensor, T: int, device: torch.device | None = None) -> Tensor:
+    """(T, N) bool: step t of sequence n is within its length ``lengths[n]``, for rows in
+    any order (`present` for sorted rows, from the batch sizes)."""
+    return (torch.arange(T)[:, None] < lengths.to("cpu")[None, :]).to(device)
 
 
 def lengths_of(batch_sizes: Sequence[int], N: int) -> list[int]:
@@ -147,7 +154,7 @@ def reverse_padded(x: Tensor, lengths: Tensor) -> Tensor:
         return x.flip(0)
     t = torch.arange(T)[:, None]
     L = lengths[None, :]
-    index = torch.where(t < L, L - 1 - t, t).to(x.device)  # (T, N)
+    index = torch.where(present_steps(lengths, T), L - 1 - t, t).to(x.device)  # (T, N)
     return x.gather(0, index.unsqueeze(-1).expand_as(x))
 
 

@@ -1,4 +1,4 @@
-"""Where the normalisations go: the placements of SPEC.md and the BN modules each needs.
+"""Where the normalisations go: the placements (design.md, Placements) and their BN modules.
 
 | norm            | normalised                          | source             |
 |-----------------|-------------------------------------|--------------------|

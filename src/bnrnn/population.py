@@ -22,8 +22,9 @@ def update_population_stats(
     per-batch statistics over ``batches``, with the weights frozen.
 
     Every `StepBatchNorm` in ``model`` is reset and then, while the model is in eval mode
-    (no dropout, no initial-state noise), uses batch statistics and folds them into a
-    cumulative average per step row (like `torch.optim.swa_utils.update_bn`). Each batch is
+    (no dropout) but with the layers' initial-state noise (``init_noise``) applied as in
+    training, uses batch statistics and folds them into a cumulative average per step row
+    (like `torch.optim.swa_utils.update_bn`). Each batch is
     run as ``forward_fn(model, batch)`` if given, else ``model(batch[0])`` for a tuple or
     list, else ``model(batch)``. Rows of steps that no batch reached are left untracked, so
     evaluation reuses the last row reached (`StepBatchNorm.population_row`). The model's

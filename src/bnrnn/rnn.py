@@ -29,8 +29,8 @@ from .placement import (
 from .reference import DirectionParams, StepFn, reference_direction
 
 IMPLS = ("auto", "fast", "reference")
-# The former name of "fast", still accepted.
-_IMPL_ALIASES = {"fused": "fast"}
+# Deprecated names of an impl, accepted with a FutureWarning: "fused" is "fast".
+_DEPRECATED_IMPLS = {"fused": "fast"}
 
 
 class _BNRNNBase(nn.Module):
@@ -80,7 +80,13 @@ class _BNRNNBase(nn.Module):
             raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got {weight_init!r}")
         if finite("init_noise", init_noise) < 0:
             raise ValueError(f"init_noise must be non-negative, got {init_noise}")
-        impl = _IMPL_ALIASES.get(impl, impl)
+        if impl in _DEPRECATED_IMPLS:
+            warn_user(
+                f"impl={impl!r} is deprecated and will be removed; use "
+                f"impl={_DEPRECATED_IMPLS[impl]!r}",
+                FutureWarning,
+            )
+            impl = _DEPRECATED_IMPLS[impl]
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
@@ -210,6 +216,10 @@ class _BNRNNBase(nn.Module):
     def _step_fn(self) -> StepFn:
         raise NotImplementedError
 
+    def _collecting(self) -> bool:
+        """Is `update_population_stats` running batches through this layer?"""
+        return any(m.collecting for m in self.norm_modules())
+
     def _direction(self, index: int) -> DirectionParams:
         w_ih, w_hh, b_ih, b_hh, tag = (
             getattr(self, n) if i < 4 else n for i, n in enumerate(self._direction_names[index])
@@ -251,8 +261,12 @@ class _BNRNNBase(nn.Module):
                     raise RuntimeError(f"Expected hidden[{k}] size {expect}, got {list(s.shape)}")
                 s = s.unsqueeze(1) if batch.unbatched else s
                 states.append(batch.sort_state(s))
-        if self.training and self.init_noise > 0:
-            # Cooijmans §5.1: Gaussian noise on the initial hidden state.
+        if self.init_noise > 0 and (self.training or self._collecting()):
+            # Cooijmans §5.1: Gaussian noise on the initial hidden state. Also while
+            # `update_population_stats` collects: the population statistics must be those
+            # of the states the layer was trained on, and the normalisation amplifies this
+            # noise to signal level (§5.1), so noise-free statistics differ by orders of
+            # magnitude on the steps where the input is the same for every sequence.
             states[0] = states[0] + self.init_noise * torch.randn_like(states[0])
         return states
 
@@ -270,7 +284,7 @@ class _BNRNNBase(nn.Module):
         w = self.weight_ih_l0
         if x.dtype != w.dtype:
             raise RuntimeError(f"input must have the type {w.dtype}, got type {x.dtype}")
-        uses_batch = self.training or any(m.collecting for m in self.norm_modules())
+        uses_batch = self.training or self._collecting()
         T_local, N_batch = x.shape[0], x.shape[1]
         syncing = [m for m in self.norm_modules() if m.syncing]
         if syncing:
@@ -299,13 +313,12 @@ class _BNRNNBase(nn.Module):
                 state: State = tuple(s[index] for s in init)
                 params = self._direction(index)
                 run = reference_direction
-                impl = _IMPL_ALIASES.get(self.impl, self.impl)
-                if impl != "reference":
+                if self.impl != "reference":
                     from . import fast  # the fast path; the reference is its test oracle
 
                     if fast.supports(layer_input, batch.batch_sizes, params, step):
                         run = fast.fast_direction
-                    elif impl == "fast":
+                    elif self.impl == "fast":
                         raise ValueError(
                             "impl='fast' does not support this configuration (synchronised "
                             "statistics or a custom step); use impl='auto' or 'reference'"
@@ -402,7 +415,9 @@ class BNLSTM(_BNRNNBase):
         weight_init: ``"uniform"`` (`nn.LSTM`'s), ``"orthogonal"`` or ``"identity"``.
         impl: ``"auto"`` (the fast path where it applies, else the reference), ``"fast"``
             (the fast path; an error where it does not apply) or ``"reference"`` (the plain
-            Python loop over steps).
+            Python loop over steps); ``"fused"``, a former name of ``"fast"``, is deprecated.
+            Which loops the fast path runs (compiled C++ or PyTorch) is
+            `bnrnn.fast.set_backend`'s choice, not the layer's.
         sync_stats: all-reduce batch statistics over ``process_group`` (default: the
             world) in distributed data-parallel training; see `convert_sync_batchnorm`.
 

@@ -85,7 +85,8 @@ def _add_what(parser: argparse.ArgumentParser, models_default: str | None = "lst
         )
     parser.add_argument(
         "--preset", default="quick",
-        help="named setup: paper (SPEC.md's table) or quick (minutes on a CPU); ptb-word also "
+        help="named setup: paper (the papers' setups: docs/design.md, Paper presets) or quick "
+             "(minutes on a CPU); ptb-word also "
              "has small, medium, large (Laurent §5.2; paper = small). Default: quick",
     )  # fmt: skip
     parser.add_argument(
@@ -99,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Batch-normalised LSTM experiments (Cooijmans 2017; Laurent 2016)",
     )
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="COMMAND", help="train, reproduce, compare, evaluate"
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        help="train, reproduce, compare, evaluate, tables, figure",
     )
 
     p = sub.add_parser("train", help="train one model on one task", description=__doc__,
@@ -161,6 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, help="evaluation minibatch size")
     p.add_argument("--data-dir", help="data directory (default: the run's, else $BNRNN_DATA_DIR)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p = sub.add_parser(
+        "tables",
+        help="rebuild docs/reproduction.md's papers' tables from docs/results/",
+        description='Writes the section "The papers\' tables" of docs/reproduction.md and one '
+        "plot per table from the committed run directories; --check only compares.",
+    )
+    from .paper_tables import add_arguments as add_table_arguments
+
+    add_table_arguments(p)
     add_figure_parser(sub)  # bnrnn figure ...: the papers' analyses (figures/cli.py)
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     for p in sub.choices.values():  # also after the command: bnrnn train ... --debug
@@ -290,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_compare(args)
         if args.command == "figure":
             return run_figure(args, raw)
+        if args.command == "tables":
+            from .paper_tables import run as run_tables
+
+            return run_tables(args)
         return cmd_evaluate(args)
 
     return run_command(args.command, args.debug, run)

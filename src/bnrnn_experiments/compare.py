@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import naming
-from .rundir import CONFIG, RESULTS, read_json, read_metrics
+from .rundir import CONFIG, EVAL, RESULTS, read_json, read_metrics
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -34,6 +34,15 @@ class Run:
     config: dict[str, Any]
     metrics: list[dict[str, Any]]
     results: dict[str, Any] | None
+    # eval.json of the best checkpoint (`bnrnn evaluate`), when the run was evaluated again
+    evaluated: dict[str, Any] | None = None
+
+    @property
+    def final(self) -> dict[str, Any] | None:
+        """The final scores of the early-stopped model: those of ``bnrnn evaluate`` when
+        it was run again on the best checkpoint (e.g. after a fix of the evaluation), else
+        results.json's."""
+        return self.evaluated if self.evaluated is not None else self.results
 
     @property
     def metric(self) -> str:
@@ -58,13 +67,17 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     if not config_path.is_file():
         raise FileNotFoundError(f"{path} is not a run directory (no {CONFIG})")
     config = read_json(config_path)
-    return Run(path.name, path, config, read_metrics(path), read_json(path / RESULTS))
+    evaluated = read_json(path / EVAL)
+    if evaluated is not None and evaluated.get("checkpoint") != "best":
+        evaluated = None
+    return Run(path.name, path, config, read_metrics(path), read_json(path / RESULTS), evaluated)
 
 
 def _final(run: Run, split: str, which: str) -> float | None:
-    if run.results is None:
+    final = run.final
+    if final is None:
         return None
-    scores = run.results.get(which)
+    scores = final.get(which)
     if not scores or split not in scores:
         return None
     return scores[split][run.metric]

@@ -4,7 +4,7 @@ papers' setups as named presets per task, and one dataclass (`Config`).
 A run's configuration is resolved in layers, each overriding the previous one:
 
 1. the `Config` field defaults,
-2. the task's ``paper`` preset (the setup of SPEC.md's hyper-parameter table),
+2. the task's ``paper`` preset (the papers' setup: docs/design.md, Paper presets),
 3. the chosen preset (``quick``, or for ptb-word ``small`` / ``medium`` / ``large``),
 4. model-specific defaults (initial-state noise for the BN models on sequential MNIST,
    the paper's learning rate and batch of bn-e* and bn-e** on the QA tasks),

@@ -6,8 +6,6 @@ All tensors are time-major: inputs (T, N, I), tokens (T, N).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -196,8 +194,3 @@ def build_language_model(cfg: Config, vocab_size: int, one_hot: bool) -> Languag
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def bits(nats: float) -> float:
-    """Nats to bits (bits per character = cross-entropy / ln 2)."""
-    return nats / math.log(2)

@@ -127,7 +127,3 @@ def read_json(path: Path) -> Any | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); fix or restore the file") from e
-
-
-def is_run_dir(path: str | os.PathLike[str]) -> bool:
-    return (Path(path) / CONFIG).is_file()

@@ -7,9 +7,10 @@
     then: best checkpoint -> scores with the running population statistics and with
     statistics re-estimated over training batches -> results.json
 
-Resume (`resume=True`) restores the model, optimiser, RNG states, counters and the carried
-hidden state of the word LM from ``ckpt_last.pt``; since batches are a function of
-(seed, epoch, index), the resumed run is bit-identical to an uninterrupted one.
+Resume (`resume=True`) restores the model, optimiser, RNG states, counters (`TrainState`,
+with the sums of the current log window, `MetricsWindow`) and the carried hidden state of
+the word LM from ``ckpt_last.pt``; since batches are a function of (seed, epoch, index), the
+resumed run is bit-identical to an uninterrupted one.
 
 Under ``torchrun`` (see `bnrnn_experiments.distributed`) every process trains on its rows of
 each global batch, in `torch.nn.parallel.DistributedDataParallel` with the BN statistics
@@ -20,11 +21,13 @@ processes together (sharded batches, synchronised), so they agree on every rank.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +110,22 @@ class Logger:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
 
+    def open_bar(self, total: int, initial: int) -> None:
+        """Show a progress bar of the steps under the log lines (interactive terminals)."""
+        self.bar = None if self.quiet else _progress_bar(total, initial)
+
+    def advance(self, loss: float, epoch: int) -> None:
+        """Move the progress bar on by a step, showing its loss and epoch."""
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}", epoch=epoch + 1, refresh=False)
+
+    def close_bar(self) -> None:
+        """Remove the progress bar, so that later lines (scores, errors) print plainly."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
 
 def _progress_bar(total: int, initial: int) -> Any:
     if not _interactive():
@@ -166,14 +185,11 @@ def train(
     force: bool = False,
     argv: list[str] | None = None,
     quiet: bool = False,
-    stop_at_step: int | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` in ``run_dir`` (default ``runs/{task}-{preset}-{model}``); return the
     final results (also in ``results.json``).
 
     ``resume``: continue from ``ckpt_last.pt`` if there is one (else start afresh).
-    ``stop_at_step``: stop right after this step as a crash would, without the final
-    evaluation (used by the resume tests).
 
     Nothing is written to ``run_dir`` before the data, the model and (on resume) the
     checkpoint are loaded: a run that cannot start leaves the directory as it was.
@@ -199,12 +215,207 @@ def train(
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         try:
-            return _train(cfg, run_dir, resuming, start, log, stop_at_step)
+            return _train(cfg, run_dir, resuming, start, log)
         finally:
             torch.set_num_threads(threads)
 
 
+@dataclass
+class MetricsWindow:
+    """Sums over the training steps since the last log line, which reports their means."""
+
+    loss: float = 0.0  # sum of the batches' mean losses (under DDP, this rank's shares)
+    batches: int = 0
+    correct: int = 0
+    count: int = 0
+    seconds: float = 0.0
+
+    def add(self, loss: float, correct: int, count: int, seconds: float) -> None:
+        """Count one training step."""
+        self.loss += loss
+        self.batches += 1
+        self.correct += correct
+        self.count += count
+        self.seconds += seconds
+
+    def summed_over_ranks(self, world: int) -> MetricsWindow:
+        """The global window (a collective): loss shares, correct and count summed over the
+        ranks; batches and seconds are this rank's."""
+        if world == 1:
+            return self
+        loss, correct, count = du.all_reduce_sum([self.loss, self.correct, self.count])
+        return MetricsWindow(loss, self.batches, int(correct), int(count), self.seconds)
+
+    def to_list(self) -> list[Any]:
+        """The checkpoint's form: [loss, batches, correct, count, seconds]."""
+        return [self.loss, self.batches, self.correct, self.count, self.seconds]
+
+
+@dataclass
+class TrainState:
+    """The counters of a run: with the model, optimiser, RNGs and carried state, what a
+    resume restores (saved as a dict under "state" in ckpt_last.pt)."""
+
+    step: int = 0
+    best: float | None = None  # best validation score so far
+    best_step: int = 0
+    bad_evals: int = 0  # validations since the best one (early stopping)
+    stopped: bool = False  # early-stopped
+    train_seconds: float = 0.0
+    window: MetricsWindow = field(default_factory=MetricsWindow)
+    skipped: int = 0  # steps skipped for a non-finite gradient norm, in all
+    skipped_in_a_row: int = 0
+    skipped_logged: int = 0  # `skipped` at the last log line
+
+    def to_checkpoint(self, window: MetricsWindow) -> dict[str, Any]:
+        """The checkpoint's "state" dict, with ``window`` (the global one) as its window."""
+        saved = {f.name: getattr(self, f.name) for f in fields(self)}
+        saved["window"] = window.to_list()
+        return saved
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any]) -> TrainState:
+        """The state of a checkpoint's "state" dict; counters that older checkpoints lack
+        start at their defaults."""
+        names = {f.name for f in fields(cls)} - {"window"}
+        state = cls(**{k: v for k, v in saved.items() if k in names})
+        state.window = MetricsWindow(*saved["window"])
+        return state
+
+
+@dataclass
+class _Run:
+    """What the steps of a run share: fixed from setup to results (the counters are in
+    `TrainState`), but for the step of the last checkpoint."""
+
+    cfg: Config
+    run_dir: Path
+    log: Logger
+    task: Any
+    model: nn.Module
+    net: nn.Module  # what the training forward runs: `model`, or DDP around it
+    weight: float  # of this rank's mean loss (see `parallelize`)
+    synced: bool  # BN statistics synchronised over the ranks
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    total: int  # steps of the run
+    eval_every: int
+    save_every: int
+    rank: int
+    world: int
+    saved_at: int | None = None  # step of the last checkpoint, named if the run diverges
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 (or the only process): the one that writes, validates and tests."""
+        return self.rank == 0
+
+    def loss_share(self, loss: float) -> float:
+        """This rank's share of the global batch's mean loss (the shares sum to it)."""
+        return loss if self.world == 1 else loss * self.weight / self.world
+
+
+def _train(
+    cfg: Config,
+    run_dir: Path,
+    resuming: bool,
+    start: Callable[[dict[str, Any] | None], None],
+    log: Logger,
+) -> dict[str, Any]:
+    """The steps of training, top to bottom: setup, resume, the loop, the final scores."""
+    run = _setup(cfg, run_dir, log)
+    task, model, optimizer = run.task, run.model, run.optimizer
+
+    # -- resume: model, optimiser, counters, carried state and RNGs of ckpt_last.pt -----
+    state, carry, ckpt, verified = TrainState(), None, None, True
+    if resuming:
+        # rank 0 reads the checkpoint and sends it (other machines need not see the file)
+        ckpt, verified = du.on_main(lambda: _load_last(run_dir))
+        state, carry = _restore(run, ckpt)
+    du.on_main(lambda: start(ckpt))  # training can start: now the run directory is written
+    if resuming:
+        log(f"| resumed from {run_dir / rd.LAST} at step {state.step}")
+        if not verified:
+            log(f"| note: {rd.LAST} has no checksum (written by an older bnrnn): not verified")
+    if run.main:
+        task.save_artifacts(run_dir)
+    _log_setup(run)
+
+    # -- the loop ------------------------------------------------------------------------
+    model.train()
+    log.open_bar(run.total, state.step)
+    clock = _Stopwatch()
+    while state.step < run.total and not state.stopped:
+        epoch, index = divmod(state.step, task.steps_per_epoch)
+        lr = lr_at(cfg, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if index == 0:
+            carry = None  # every epoch starts from a zero state
+        batch = task.train_batch(epoch, index)
+        loss, correct, count, carry = task.train_loss(run.net, batch, carry)
+        grad_norm = _backward(run, loss)
+        loss_value = loss.item()
+        state.step += 1
+        _optimizer_step(run, state, lr, loss_value, grad_norm)
+        seconds = clock.lap()
+        state.window.add(run.loss_share(loss_value), correct, count, seconds)
+        state.train_seconds += seconds
+        log.advance(loss_value, epoch)
+
+        step = state.step
+        if step % cfg.log_interval == 0 or step == run.total:
+            _log_window(run, state, epoch, index, lr, grad_norm)
+        if step % run.eval_every == 0 or step == run.total:
+            with clock.paused():  # validation time is not training time
+                _validate_everywhere(run, state, epoch)
+        if step % run.save_every == 0 or step == run.total or state.stopped:
+            with clock.paused():
+                _save_last(run, state, carry)
+    log.close_bar()
+    wall = clock.since_start()
+
+    # -- the best model, with running and with re-estimated population statistics -------
+    scores = _final_scores(run, state)
+    if state.skipped:
+        log(f"| {state.skipped} steps skipped for a non-finite gradient norm")
+    results = _results(run, state, scores, wall)
+    if run.main:
+        rd.write_json(run_dir / rd.RESULTS, results)
+    return results
+
+
+def _setup(cfg: Config, run_dir: Path, log: Logger) -> _Run:
+    """Data, model and optimiser, the same on every rank: the seed fixes the initial weights
+    and the order of the batches."""
+    seed_everything(cfg.seed)
+    with du.main_first():  # rank 0 downloads missing data, the others then read it
+        task = make_task(cfg)
+    model = task.build_model()
+    net, weight, synced = parallelize(cfg, task, model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    eval_every = cfg.eval_interval or task.steps_per_epoch
+    return _Run(
+        cfg=cfg,
+        run_dir=run_dir,
+        log=log,
+        task=task,
+        model=model,
+        net=net,
+        weight=weight,
+        synced=synced,
+        params=params,
+        optimizer=make_optimizer(cfg, params),
+        total=total_steps(cfg, task.steps_per_epoch),
+        eval_every=eval_every,
+        save_every=cfg.save_interval or eval_every,
+        rank=du.rank(),
+        world=du.world_size(),
+    )
+
+
 def _load_last(run_dir: Path) -> tuple[dict[str, Any], bool]:
+    """ckpt_last.pt and whether its checksum was verified; a damaged one says how to go on."""
     try:
         return read_checkpoint(run_dir / rd.LAST)
     except CheckpointError as e:
@@ -215,312 +426,280 @@ def _load_last(run_dir: Path) -> tuple[dict[str, Any], bool]:
         ) from e
 
 
-def _train(
-    cfg: Config,
-    run_dir: Path,
-    resuming: bool,
-    start: Callable[[dict[str, Any] | None], None],
-    log: Logger,
-    stop_at_step: int | None,
-) -> dict[str, Any]:
+def _restore(run: _Run, ckpt: dict[str, Any]) -> tuple[TrainState, Any]:
+    """Load ``ckpt`` into the model, optimiser and RNGs; return its state and this rank's
+    rows of its carried state, so that the run continues exactly."""
+    try:
+        run.model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # config.json edited by hand since the checkpoint
+        raise CheckpointError(
+            run.run_dir / rd.LAST,
+            f"does not fit the model of {run.run_dir / rd.CONFIG} (its "
+            "shapes differ); restore the run's config.json, or start over with --force",
+        ) from e
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    state = TrainState.from_checkpoint(ckpt["state"])
+    carry = _shard_carry(ckpt["carry"], run.rank, run.world)
+    _restore_rng(run, ckpt, state.step)
+    if run.rank > 0:  # the saved window holds every rank's sums: rank 0 counts them
+        state.window = MetricsWindow(batches=state.window.batches, seconds=state.window.seconds)
+    run.saved_at = state.step
+    return state, carry
 
-    # -- setup: data, model, optimiser (the seed fixes the init and the data order) -----
-    main, rank, world = du.is_main(), du.rank(), du.world_size()
-    seed_everything(cfg.seed)
-    with du.main_first():  # rank 0 downloads missing data, the others then read it
-        task = make_task(cfg)
-    model = task.build_model()
-    # what the training forward runs (`model`, or DDP around it), this rank's loss weight
-    net, weight, synced = parallelize(cfg, task, model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, params)
-    spe = task.steps_per_epoch
-    total = total_steps(cfg, spe)
-    eval_every = cfg.eval_interval or spe
-    save_every = cfg.save_interval or eval_every
-    metric = task.metric
 
-    # Everything below `state` (plus model, optimiser, RNGs) is what a resume restores.
-    state: dict[str, Any] = {
-        "step": 0,
-        "best": None,  # best validation score so far
-        "best_step": 0,
-        "bad_evals": 0,  # validations since the best one (early stopping)
-        "stopped": False,  # early-stopped
-        "train_seconds": 0.0,
-        "window": [0.0, 0, 0, 0, 0.0],  # loss sum, batches, correct, count, seconds since last log
-        "skipped": 0,  # steps skipped for a non-finite gradient norm, in all
-        "skipped_in_a_row": 0,
-        "skipped_logged": 0,  # `skipped` at the last log line
-    }
-    carry: Any = None  # hidden state carried between batches (word LM)
-    ckpt: dict[str, Any] | None = None
-    verified = True
-    if resuming:
-        # rank 0 reads the checkpoint and sends it (other machines need not see the file)
-        ckpt, verified = du.on_main(lambda: _load_last(run_dir))
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:  # config.json edited by hand since the checkpoint
-            raise CheckpointError(
-                run_dir / rd.LAST,
-                f"does not fit the model of {run_dir / rd.CONFIG} (its "
-                "shapes differ); restore the run's config.json, or start over with --force",
-            ) from e
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state.update(ckpt["state"])
-        carry = _shard_carry(ckpt["carry"], rank, world)
-        ranks_rng = ckpt.get("rng_ranks")
-        if world == 1:
-            set_rng_state(ckpt["rng"])
-        elif ranks_rng is not None and len(ranks_rng) == world:
-            set_rng_state(ranks_rng[rank])  # same world size: each rank's own generators
-        else:  # another world size: a valid, but not bit-identical, continuation
-            torch.manual_seed(cfg.seed + 1_000_003 * rank + 7919 * state["step"])
-        if rank > 0:  # the saved window holds every rank's sums: count them once
-            state["window"] = [0.0, state["window"][1], 0, 0, state["window"][4]]
-    # training can start: now (and only now) the run directory is written
-    du.on_main(lambda: start(ckpt))
-    if resuming:
-        log(f"| resumed from {run_dir / rd.LAST} at step {state['step']}")
-        if not verified:
-            log(f"| note: {rd.LAST} has no checksum (written by an older bnrnn): not verified")
-    if main:
-        task.save_artifacts(run_dir)
-    log(f"| run {run_dir}")
-    log(f"| {task.describe()}")
-    log(f"| {cfg.model}: {model_summary(model)}; {cfg.optimizer} lr {cfg.lr:g}, clip {cfg.clip:g}")
-    log(f"| {total:,} steps ({spe:,} per epoch), validation every {eval_every:,}")
+def _restore_rng(run: _Run, ckpt: dict[str, Any], step: int) -> None:
+    """Every rank's generators as saved, for the dropout and noise of an exact continuation."""
+    ranks_rng = ckpt.get("rng_ranks")
+    if run.world == 1:
+        set_rng_state(ckpt["rng"])
+    elif ranks_rng is not None and len(ranks_rng) == run.world:
+        set_rng_state(ranks_rng[run.rank])  # same world size: each rank's own generators
+    else:  # another world size: a valid, but not bit-identical, continuation
+        torch.manual_seed(run.cfg.seed + 1_000_003 * run.rank + 7919 * step)
+
+
+def _log_setup(run: _Run) -> None:
+    """The header of the log: run, data, model, schedule and processes."""
+    cfg, log, world = run.cfg, run.log, run.world
+    per_epoch = run.task.steps_per_epoch
+    log(f"| run {run.run_dir}")
+    log(f"| {run.task.describe()}")
+    optimizer = f"{cfg.optimizer} lr {cfg.lr:g}, clip {cfg.clip:g}"
+    log(f"| {cfg.model}: {model_summary(run.model)}; {optimizer}")
+    log(f"| {run.total:,} steps ({per_epoch:,} per epoch), validation every {run.eval_every:,}")
     if world > 1:
         rows = du.rows_of(cfg.batch_size, 0, world)
+        stats = "synchronised" if run.synced else "per process" if has_bn(run.model) else "n/a"
         log(
             f"| {world} processes (DDP): rank r trains on rows r::{world} of each global batch "
-            f"of {cfg.batch_size} ({rows} on rank 0); BN statistics "
-            + ("synchronised" if synced else "per process" if has_bn(model) else "n/a")
+            f"of {cfg.batch_size} ({rows} on rank 0); BN statistics {stats}"
         )
 
-    saved_at = [state["step"] if resuming else None]  # step of the last checkpoint
 
-    def diverged(step: int, what: str) -> TrainingDiverged:
-        kept = f"{rd.LAST} (step {saved_at[0]}) is kept" if saved_at[0] else "no checkpoint"
-        if log.bar is not None:
-            log.bar.close()
-            log.bar = None
-        return TrainingDiverged(
-            f"training diverged at step {step}: {what}; stopped, {kept}, no results written. "
-            "Start over (--force) with a lower --lr or --clip"
-        )
+class _Stopwatch:
+    """Training time: the time between steps, less validation and checkpoint writes."""
 
-    def save_last() -> None:
-        # never a non-finite model over a good checkpoint (every rank checks: a collective)
-        if not du.all_true(_finite(model)):
-            raise diverged(state["step"], "a parameter or BN statistic is not finite")
-        # collectives first (every rank is here at the same step), then rank 0 writes:
-        # the global carry (ranks' rows interleaved back) and window, every rank's RNG
-        saved_state = dict(state, window=_reduce_window(state["window"], world))
-        carries = du.gather_objects(carry)
-        rngs = du.gather_objects(rng_state())
-        saved_at[0] = state["step"]
-        if not main:
-            return
-        save_checkpoint(
-            run_dir / rd.LAST,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "state": saved_state,
-                "carry": _merge_carry(carries),
-                "rng": rngs[0],
-                "rng_ranks": rngs if world > 1 else None,
-                "world_size": world,
-                "step": state["step"],
-                "config": cfg.to_dict(),
-            },
-        )
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
 
-    # -- the loop ------------------------------------------------------------------------
-    model.train()
-    bar = None if log.quiet else _progress_bar(total, state["step"])
-    log.bar = bar
-    t_run = time.perf_counter()
-    t_last = time.perf_counter()
-    while state["step"] < total and not state["stopped"]:
-        epoch, index = divmod(state["step"], spe)
-        lr = lr_at(cfg, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        if index == 0:
-            carry = None  # every epoch starts from a zero state
-        batch = task.train_batch(epoch, index)
-        loss, correct, count, carry = task.train_loss(net, batch, carry)
-        optimizer.zero_grad(set_to_none=True)
-        scale = weight * task.loss_scale
-        (loss if scale == 1.0 else loss * scale).backward()
-        clip = cfg.clip if cfg.clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        step = state["step"] + 1
-        loss_value = loss.item()
-        # DDP reduced the gradients: the norm, hence the decision, is the same on every rank
-        if math.isfinite(grad_norm):
-            try:
-                optimizer.step()
-            except RuntimeError as e:  # an update beyond float32 (e.g. Adam with lr 1e38)
-                if "overflow" not in str(e):
-                    raise
-                raise diverged(step, f"the optimiser's update overflows (lr {lr:g})") from e
-            state["skipped_in_a_row"] = 0
-        else:  # no update from this batch (clip_grad_norm_ would make it zero or NaN)
-            if not du.all_true(math.isfinite(loss_value)):
-                raise diverged(step, "the training loss is not finite")
-            state["skipped"] += 1
-            state["skipped_in_a_row"] += 1
-            if state["skipped_in_a_row"] >= cfg.max_skipped_steps:
-                raise diverged(
-                    step,
-                    f"the gradient norm was not finite in {state['skipped_in_a_row']} "
-                    f"steps in a row (--max-skipped-steps {cfg.max_skipped_steps})",
-                )
-        state["step"] = step
-
+    def lap(self) -> float:
+        """Seconds since the last lap (or the start), pauses excluded."""
         now = time.perf_counter()
-        w = state["window"]
-        w[0] += loss_value if world == 1 else loss_value * weight / world
-        w[1] += 1
-        w[2] += correct
-        w[3] += count
-        w[4] += now - t_last
-        state["train_seconds"] += now - t_last
-        t_last = now
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", epoch=epoch + 1, refresh=False)
+        seconds, self.last = now - self.last, now
+        return seconds
 
-        if step % cfg.log_interval == 0 or step == total:
-            w = state["window"] = _reduce_window(w, world)  # global sums, on every rank
-            mean = w[0] / w[1]
-            if not math.isfinite(mean):  # e.g. an infinite loss with finite gradients
-                raise diverged(step, f"the mean training loss is {mean}")
-            score = task.score(mean, w[2], w[3])
-            ms = 1000.0 * w[4] / w[1]
-            eta = (total - step) * w[4] / w[1]
-            skipped = state["skipped"] - state["skipped_logged"]
-            log(
-                f"| epoch {epoch + 1:3d} | {index + 1:5d}/{spe} batches | lr {lr:.3g} "
-                f"| ms/batch {ms:6.1f} | loss {mean:6.3f} | {metric} {score:7.3f} "
-                f"| grad {grad_norm:6.2f} | eta {_fmt_time(eta)}"
-                + (f" | skipped {skipped} (non-finite gradient)" if skipped else "")
-            )
-            if main:
-                rd.append_metrics(
-                    run_dir,
-                    {"kind": "train", "step": step, "epoch": epoch + 1, "lr": lr, "loss": mean,
-                     metric: score, "grad_norm": grad_norm, "skipped": skipped,
-                     "ms_per_batch": ms},
-                )  # fmt: skip
-            state["window"] = [0.0, 0, 0, 0, 0.0]
-            state["skipped_logged"] = state["skipped"]
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the time of the block out of the next lap."""
+        t0 = time.perf_counter()
+        yield
+        self.last += time.perf_counter() - t0
 
-        if step % eval_every == 0 or step == total:
-            t0 = time.perf_counter()
-            trouble = None
-            if main:  # eval mode uses the population statistics: no collectives
-                trouble = _validate(task, model, cfg, run_dir, state, step, epoch, log)
-            keys = ("best", "best_step", "bad_evals", "stopped")
-            shared, trouble = du.broadcast_object(({k: state[k] for k in keys}, trouble))
-            if trouble:  # every rank stops (rank 0 found it; the others waited)
-                raise diverged(step, trouble)
-            state.update(shared)
-            t_last += time.perf_counter() - t0  # validation time is not training time
+    def since_start(self) -> float:
+        """Wall-clock seconds since the start, pauses included."""
+        return time.perf_counter() - self.start
 
-        if step % save_every == 0 or step == total or state["stopped"]:
-            t0 = time.perf_counter()
-            save_last()
-            t_last += time.perf_counter() - t0
-        if stop_at_step is not None and step >= stop_at_step:
-            if bar is not None:
-                bar.close()
-            log(f"| stopped at step {step} (stop_at_step)")
-            return {"interrupted": True, "step": step}
-    if bar is not None:
-        bar.close()
-    log.bar = None
-    wall = time.perf_counter() - t_run
 
-    # -- final evaluation: best model, running vs re-estimated population statistics ----
-    best_path = run_dir / rd.BEST
+def _backward(run: _Run, loss: torch.Tensor) -> float:
+    """Gradients of this rank's weighted loss, clipped to --clip; returns their norm before
+    clipping (under DDP, of the global gradient: the same on every rank)."""
+    run.optimizer.zero_grad(set_to_none=True)
+    scale = run.weight * run.task.loss_scale
+    (loss if scale == 1.0 else loss * scale).backward()
+    clip = run.cfg.clip if run.cfg.clip > 0 else math.inf
+    return float(torch.nn.utils.clip_grad_norm_(run.params, clip))
+
+
+def _optimizer_step(run: _Run, state: TrainState, lr: float, loss: float, grad_norm: float) -> None:
+    """Update the parameters, or skip the update when the gradient norm is not finite;
+    raise `TrainingDiverged` on a non-finite loss, an overflowing update, or too many
+    skipped steps in a row."""
+    # DDP reduced the gradients: the norm, hence the decision, is the same on every rank
+    if math.isfinite(grad_norm):
+        try:
+            run.optimizer.step()
+        except RuntimeError as e:  # an update beyond float32 (e.g. Adam with lr 1e38)
+            if "overflow" not in str(e):
+                raise
+            raise _diverged(run, state.step, f"the optimiser's update overflows (lr {lr:g})") from e
+        state.skipped_in_a_row = 0
+        return
+    # no update from this batch (clip_grad_norm_ would make it zero or NaN)
+    if not du.all_true(math.isfinite(loss)):
+        raise _diverged(run, state.step, "the training loss is not finite")
+    state.skipped += 1
+    state.skipped_in_a_row += 1
+    if state.skipped_in_a_row >= run.cfg.max_skipped_steps:
+        raise _diverged(
+            run,
+            state.step,
+            f"the gradient norm was not finite in {state.skipped_in_a_row} "
+            f"steps in a row (--max-skipped-steps {run.cfg.max_skipped_steps})",
+        )
+
+
+def _log_window(
+    run: _Run, state: TrainState, epoch: int, index: int, lr: float, grad_norm: float
+) -> None:
+    """The log line and metrics.jsonl record of the steps since the last one (their means
+    over the global batches), then a new window."""
+    w = state.window.summed_over_ranks(run.world)  # a collective: every rank is here
+    mean = w.loss / w.batches
+    if not math.isfinite(mean):  # e.g. an infinite loss with finite gradients
+        raise _diverged(run, state.step, f"the mean training loss is {mean}")
+    metric, per_epoch = run.task.metric, run.task.steps_per_epoch
+    score = run.task.score(mean, w.correct, w.count)
+    ms = 1000.0 * w.seconds / w.batches
+    eta = (run.total - state.step) * w.seconds / w.batches
+    skipped = state.skipped - state.skipped_logged
+    run.log(
+        f"| epoch {epoch + 1:3d} | {index + 1:5d}/{per_epoch} batches | lr {lr:.3g} "
+        f"| ms/batch {ms:6.1f} | loss {mean:6.3f} | {metric} {score:7.3f} "
+        f"| grad {grad_norm:6.2f} | eta {_fmt_time(eta)}"
+        + (f" | skipped {skipped} (non-finite gradient)" if skipped else "")
+    )
+    if run.main:
+        rd.append_metrics(
+            run.run_dir,
+            {"kind": "train", "step": state.step, "epoch": epoch + 1, "lr": lr, "loss": mean,
+             metric: score, "grad_norm": grad_norm, "skipped": skipped, "ms_per_batch": ms},
+        )  # fmt: skip
+    state.window = MetricsWindow()
+    state.skipped_logged = state.skipped
+
+
+def _validate_everywhere(run: _Run, state: TrainState, epoch: int) -> None:
+    """Rank 0 validates while the others wait; then every rank takes its best score and
+    early-stopping counters, or stops if the model is not finite."""
+    trouble = None
+    if run.main:  # eval mode uses the population statistics: no collectives
+        trouble = _validate(run, state, epoch)
+    shared = (state.best, state.best_step, state.bad_evals, state.stopped)
+    shared, trouble = du.broadcast_object((shared, trouble))
+    if trouble:  # every rank stops (rank 0 found it; the others waited)
+        raise _diverged(run, state.step, trouble)
+    state.best, state.best_step, state.bad_evals, state.stopped = shared
+
+
+def _validate(run: _Run, state: TrainState, epoch: int) -> str | None:
+    """Validation of rank 0 (or the only process): best checkpoint, early stopping.
+    Returns what is not finite (the model or its validation loss), else None."""
+    cfg, metric, step = run.cfg, run.task.metric, state.step
+    t0 = time.perf_counter()
+    if not _finite(run.model):
+        return "a parameter or BN statistic is not finite"
+    valid = run.task.evaluate(run.model, "valid")
+    if not math.isfinite(valid["loss"]):
+        return f"the validation loss is {valid['loss']}"
+    if run.task.better(valid[metric], state.best):
+        state.best, state.best_step, state.bad_evals = valid[metric], step, 0
+        save_checkpoint(
+            run.run_dir / rd.BEST,
+            {"model": run.model.state_dict(), "step": step, metric: valid[metric],
+             "config": cfg.to_dict()},
+        )  # fmt: skip
+    else:
+        state.bad_evals += 1
+    seconds = time.perf_counter() - t0
+    run.log(
+        f"| valid | step {step:6d} | epoch {epoch + 1:3d} | loss {valid['loss']:6.3f} "
+        f"| {metric} {valid[metric]:7.3f} | best {state.best:7.3f} "
+        f"(step {state.best_step}) | {seconds:5.1f} s"
+    )
+    rd.append_metrics(
+        run.run_dir,
+        {"kind": "valid", "step": step, "epoch": epoch + 1, "loss": valid["loss"],
+         metric: valid[metric], "best": state.best, "eval_seconds": seconds},
+    )  # fmt: skip
+    if cfg.patience and state.bad_evals >= cfg.patience:
+        state.stopped = True
+        run.log(f"| early stopping: no improvement in {cfg.patience} validations")
+    return None
+
+
+def _save_last(run: _Run, state: TrainState, carry: Any) -> None:
+    """Write ckpt_last.pt (rank 0): model, optimiser, global state and carry, every rank's
+    RNGs; never a non-finite model over a good checkpoint."""
+    if not du.all_true(_finite(run.model)):  # every rank checks: a collective
+        raise _diverged(run, state.step, "a parameter or BN statistic is not finite")
+    # collectives first (every rank is here at the same step), then rank 0 writes
+    saved_state = state.to_checkpoint(state.window.summed_over_ranks(run.world))
+    carries = du.gather_objects(carry)
+    rngs = du.gather_objects(rng_state())
+    run.saved_at = state.step
+    if not run.main:
+        return
+    save_checkpoint(
+        run.run_dir / rd.LAST,
+        {
+            "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "state": saved_state,
+            "carry": _merge_carry(carries),
+            "rng": rngs[0],
+            "rng_ranks": rngs if run.world > 1 else None,
+            "world_size": run.world,
+            "step": state.step,
+            "config": run.cfg.to_dict(),
+        },
+    )
+
+
+def _diverged(run: _Run, step: int, what: str) -> TrainingDiverged:
+    """The error that stops a diverged run, naming the checkpoint it keeps."""
+    kept = f"{rd.LAST} (step {run.saved_at}) is kept" if run.saved_at else "no checkpoint"
+    run.log.close_bar()
+    return TrainingDiverged(
+        f"training diverged at step {step}: {what}; stopped, {kept}, no results written. "
+        "Start over (--force) with a lower --lr or --clip"
+    )
+
+
+def _final_scores(run: _Run, state: TrainState) -> dict[str, Any]:
+    """Scores of the best model with its running population statistics and with statistics
+    re-estimated over training batches (every rank re-estimates, rank 0 scores)."""
+    model = run.model
+    best_path = run.run_dir / rd.BEST
     if best_path.is_file():  # every rank raises if rank 0 cannot read it
         du.on_main(lambda: _load_best(model, best_path))
     du.broadcast_module_state(model)  # rank 0's best model everywhere
-    log(f"| final evaluation of the best model (step {state['best_step']})")
+    run.log(f"| final evaluation of the best model (step {state.best_step})")
     # every rank re-estimates on its shards (collective when synchronised); rank 0 scores
-    scores = scores_with_population(task, model, cfg.pop_batches, log=log, evaluate_here=main)
-    if world > 1 and not synced:  # per-process statistics: keep rank 0's everywhere
+    scores = scores_with_population(
+        run.task, model, run.cfg.pop_batches, log=run.log, evaluate_here=run.main
+    )
+    if run.world > 1 and not run.synced:  # per-process statistics: keep rank 0's everywhere
         du.broadcast_module_state(model)
-    _save_rank_state(model, rank)
     scores = du.broadcast_object(scores)
-    log(format_scores(metric, scores))
+    metric = run.task.metric
+    run.log(format_scores(metric, scores))
     bad = [f"{which} {split}" for which in ("running", "reestimated")
            for split, value in (scores[which] or {}).items()
            if not (math.isfinite(value["loss"]) and math.isfinite(value[metric]))]  # fmt: skip
     if bad:
-        raise diverged(state["step"], f"the final scores are not finite ({', '.join(bad)})")
-    if state["skipped"]:
-        log(f"| {state['skipped']} steps skipped for a non-finite gradient norm")
-    results = {
+        raise _diverged(run, state.step, f"the final scores are not finite ({', '.join(bad)})")
+    return scores
+
+
+def _results(run: _Run, state: TrainState, scores: dict[str, Any], wall: float) -> dict[str, Any]:
+    """The run's results.json: what was trained, for how long, and its scores."""
+    cfg = run.cfg
+    return {
         "task": cfg.task,
         "model": cfg.model,
         "preset": cfg.preset,
-        "metric": metric,
-        "higher_is_better": task.higher_is_better,
-        "steps": state["step"],
-        "best_step": state["best_step"],
-        "best_valid": state["best"],
-        "early_stopped": state["stopped"],
-        "skipped_steps": state["skipped"],
-        "train_seconds": round(state["train_seconds"], 2),
+        "metric": run.task.metric,
+        "higher_is_better": run.task.higher_is_better,
+        "steps": state.step,
+        "best_step": state.best_step,
+        "best_valid": state.best,
+        "early_stopped": state.stopped,
+        "skipped_steps": state.skipped,
+        "train_seconds": round(state.train_seconds, 2),
         "wall_seconds_this_process": round(wall, 2),
-        **({"world_size": world, "sync_stats": synced} if world > 1 else {}),
+        **({"world_size": run.world, "sync_stats": run.synced} if run.world > 1 else {}),
         **scores,
     }
-    if main:
-        rd.write_json(run_dir / rd.RESULTS, results)
-    return results
-
-
-def _validate(task, model, cfg, run_dir, state, step, epoch, log) -> str | None:
-    """Validation of rank 0 (or the only process): best checkpoint, early stopping.
-    Returns what is not finite (the model or its validation loss), else None."""
-    metric = task.metric
-    t0 = time.perf_counter()
-    if not _finite(model):
-        return "a parameter or BN statistic is not finite"
-    valid = task.evaluate(model, "valid")
-    if not math.isfinite(valid["loss"]):
-        return f"the validation loss is {valid['loss']}"
-    if task.better(valid[metric], state["best"]):
-        state.update(best=valid[metric], best_step=step, bad_evals=0)
-        save_checkpoint(
-            run_dir / rd.BEST,
-            {"model": model.state_dict(), "step": step, metric: valid[metric],
-             "config": cfg.to_dict()},
-        )  # fmt: skip
-    else:
-        state["bad_evals"] += 1
-    seconds = time.perf_counter() - t0
-    log(
-        f"| valid | step {step:6d} | epoch {epoch + 1:3d} | loss {valid['loss']:6.3f} "
-        f"| {metric} {valid[metric]:7.3f} | best {state['best']:7.3f} "
-        f"(step {state['best_step']}) | {seconds:5.1f} s"
-    )
-    rd.append_metrics(
-        run_dir,
-        {"kind": "valid", "step": step, "epoch": epoch + 1, "loss": valid["loss"],
-         metric: valid[metric], "best": state["best"], "eval_seconds": seconds},
-    )  # fmt: skip
-    if cfg.patience and state["bad_evals"] >= cfg.patience:
-        state["stopped"] = True
-        log(f"| early stopping: no improvement in {cfg.patience} validations")
-    return None
 
 
 def _finite(model: nn.Module) -> bool:
@@ -576,15 +755,6 @@ def _ddp(model: nn.Module) -> nn.Module:
     return DDP(model, broadcast_buffers=False)
 
 
-def _reduce_window(w: list, world: int) -> list:
-    """The log window summed over the ranks (loss shares, correct, count); batch count and
-    seconds are rank 0's."""
-    if world == 1:
-        return w
-    loss, correct, count = du.all_reduce_sum([w[0], w[2], w[3]])
-    return [loss, w[1], int(correct), int(count), w[4]]
-
-
 def _shard_carry(carry: Any, rank: int, world: int) -> Any:
     """This rank's rows of the global carried state (h, c), each (layers, N, H)."""
     if carry is None or world == 1:
@@ -599,15 +769,3 @@ def _merge_carry(carries: list | None) -> Any:
     if len(carries) == 1:
         return carries[0]
     return tuple(du.merge_rows([c[k] for c in carries], 1) for k in range(len(carries[0])))
-
-
-#: Test hook: if set, every rank saves its model's state dict (after the final population
-#: re-estimation) as ``rank{r}.pt`` in this folder.
-RANK_STATE_DIR_ENV = "BNRNN_RANK_STATE_DIR"
-
-
-def _save_rank_state(model: nn.Module, rank: int) -> None:
-    folder = os.environ.get(RANK_STATE_DIR_ENV)
-    if folder:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), Path(folder) / f"rank{rank}.pt")

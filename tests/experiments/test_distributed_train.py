@@ -1,27 +1,33 @@
 """`bnrnn train` on 2 processes (gloo, localhost): a torchrun dry run, gradients equal to
-one process on the global batch, and an interrupted + resumed 2-process run equal to an
-uninterrupted one. Every launch has a timeout and its processes are killed on failure."""
+one process on the global batch, an interrupted + resumed 2-process run equal to an
+uninterrupted one, and population statistics re-estimated alike on both ranks. Every launch
+has a timeout and its processes are killed on failure."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from harness_helpers import REAL_DATA, needs
+from harness_helpers import REAL_DATA, Crash, crash_after, needs
 
 from bnrnn_experiments import distributed as du
 from bnrnn_experiments import rundir as rd
+from bnrnn_experiments import train as train_module
 from bnrnn_experiments.config import make_config
 from bnrnn_experiments.tasks import make_task
-from bnrnn_experiments.train import RANK_STATE_DIR_ENV, parallelize, train
+from bnrnn_experiments.train import parallelize, train
 
 pytestmark = needs("ptb-char")
 
@@ -33,9 +39,8 @@ def _stats(state: dict) -> dict:
 
 
 def test_torchrun_dry_run(tmp_path: Path) -> None:
-    run_dir, ranks_dir = tmp_path / "run", tmp_path / "ranks"
+    run_dir = tmp_path / "run"
     env = dict(os.environ, BNRNN_DATA_DIR=str(REAL_DATA), PYTHONWARNINGS="ignore")
-    env[RANK_STATE_DIR_ENV] = str(ranks_dir)
     env.pop("WORLD_SIZE", None)
     # fmt: off
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
@@ -61,11 +66,6 @@ def test_torchrun_dry_run(tmp_path: Path) -> None:
     steps = [r["step"] for r in rd.read_metrics(run_dir) if r["kind"] == "train"]
     assert steps == [1, 2, 3]  # rank 0 alone wrote them
     assert text.count("| final evaluation") == 1  # rank 1 printed no log line
-    # the re-estimated population statistics agree on both ranks
-    r0, r1 = (torch.load(ranks_dir / f"rank{r}.pt") for r in range(2))
-    assert _stats(r0)
-    for k, v in _stats(r0).items():
-        assert torch.equal(v, r1[k]), k
 
 
 def _first_step(rank: int, out_dir: str, sync: bool) -> None:
@@ -82,13 +82,30 @@ def _first_step(rank: int, out_dir: str, sync: bool) -> None:
     torch.save({"loss": global_loss, "grads": grads}, os.path.join(out_dir, f"{sync}-{rank}.pt"))
 
 
-def _interrupted_and_resumed(out_dir: str) -> None:
+@contextlib.contextmanager
+def _keep_final_model(path: str) -> Iterator[None]:
+    """Save this rank's model to ``path`` once the final scoring has re-estimated its
+    population statistics."""
+    scores_with_population = train_module.scores_with_population
+
+    def scoring(task: Any, model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        scores = scores_with_population(task, model, *args, **kwargs)
+        torch.save(model.state_dict(), path)
+        return scores
+
+    with mock.patch.object(train_module, "scores_with_population", scoring):
+        yield
+
+
+def _interrupted_and_resumed(rank: int, out_dir: str) -> None:
     # word LM: the hidden state is carried per row, so per rank; dropout differs per rank
     cfg = make_config("ptb-word", "bnlstm", dry_run=True, data_dir=str(REAL_DATA),
                       dropout=0.2, eval_interval=100, save_interval=2)  # fmt: skip
     a, b = os.path.join(out_dir, "a"), os.path.join(out_dir, "b")
-    train(cfg, a, quiet=True)
-    train(cfg, b, quiet=True, stop_at_step=2)
+    with _keep_final_model(os.path.join(out_dir, f"final-{rank}.pt")):
+        train(cfg, a, quiet=True)
+    with crash_after(2), pytest.raises(Crash):  # both ranks crash after step 2
+        train(cfg, b, quiet=True)
     train(cfg, b, quiet=True, resume=True)
 
 
@@ -100,7 +117,7 @@ def _worker(rank: int, init: str, out_dir: str) -> None:
     try:
         _first_step(rank, out_dir, True)
         _first_step(rank, out_dir, False)
-        _interrupted_and_resumed(out_dir)
+        _interrupted_and_resumed(rank, out_dir)
     finally:
         dist.destroy_process_group()
 
@@ -145,16 +162,28 @@ def test_two_processes_first_step_equals_one_process(two_processes: Path, sync: 
 
 
 def test_two_process_resume_is_exact(two_processes: Path) -> None:
-    """ptb-word (carried state per row) with dropout: stopped at step 2 and resumed, the
+    """ptb-word (carried state per row) with dropout: crashed after step 2 and resumed, the
     2-process run equals the uninterrupted one: metrics, weights, final scores."""
     a, b = two_processes / "a", two_processes / "b"
     drop = ("ms_per_batch", "eval_seconds")
     ma, mb = ([{k: v for k, v in r.items() if k not in drop} for r in rd.read_metrics(x)]
               for x in (a, b))  # fmt: skip
     assert ma == mb and len([r for r in ma if r["kind"] == "train"]) == 3
+    assert "resume" in (b / rd.COMMAND).read_text()
     ca, cb = (torch.load(x / rd.LAST, weights_only=False) for x in (a, b))
     assert len(ca["rng_ranks"]) == 2 and ca["carry"][0].shape[1] == 4  # the global carry
     for k, v in ca["model"].items():
         assert torch.equal(v, cb["model"][k]), k
     ra, rb = (json.loads((x / rd.RESULTS).read_text()) for x in (a, b))
     assert ra["reestimated"] == rb["reestimated"]
+
+
+def test_two_processes_agree_on_the_reestimated_statistics(two_processes: Path) -> None:
+    """Synchronised BN statistics: the final re-estimation runs on both ranks together, so
+    their population statistics are the same."""
+    results = json.loads((two_processes / "a" / rd.RESULTS).read_text())
+    assert results["sync_stats"] is True and results["reestimated"] is not None
+    r0, r1 = (torch.load(two_processes / f"final-{r}.pt") for r in range(2))
+    assert _stats(r0)
+    for k, v in _stats(r0).items():
+        assert torch.equal(v, r1[k]), k

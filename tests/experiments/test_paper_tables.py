@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bnrnn_experiments import paper_tables as pt
+from bnrnn_experiments.cli import main as cli_main
 from bnrnn_experiments.compare import load_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,6 +74,18 @@ def test_splice_and_check(tmp_path: Path) -> None:
 def test_committed_tables_match_committed_runs(capsys: pytest.CaptureFixture[str]) -> None:
     """docs/reproduction.md's tables are what docs/results/ gives (`bnrnn tables --check`)."""
     results, doc = ROOT / pt.RESULTS_DIR, ROOT / pt.DOC
-    assert pt.main(["--results", str(results), "--doc", str(doc), "--check"]) == 0, (
-        capsys.readouterr().out
-    )
+    command = ["tables", "--results", str(results), "--doc", str(doc), "--check"]
+    assert cli_main(command) == 0, capsys.readouterr().out
+
+
+def test_an_evaluation_made_again_replaces_the_final_scores(tmp_path: Path) -> None:
+    """A run evaluated again by `bnrnn evaluate` (eval.json, best checkpoint) shows those
+    test scores, linked; one of another checkpoint does not count."""
+    run_dir = write_run(tmp_path, "ptb-word-small-lstm", [(4, 1, 4.0), (8, 2, 2.0)])
+    again = {"metric": "ppl", "checkpoint": "best", "running": {"test": {"ppl": 140.0}},
+             "reestimated": {"test": {"ppl": 120.0}}}  # fmt: skip
+    (run_dir / "eval.json").write_text(json.dumps(again))
+    cell = pt._test(1)(load_run(run_dir))
+    assert cell == "140.0 / 120.0 ([eval.json](results/ptb-word-small-lstm/eval.json))"
+    (run_dir / "eval.json").write_text(json.dumps({**again, "checkpoint": "last"}))
+    assert pt._test(1)(load_run(run_dir)) == "140.0 / 139.5"

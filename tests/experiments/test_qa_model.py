@@ -256,6 +256,24 @@ def test_padded_reverse_holds_the_state_through_the_padding() -> None:
     assert (y[3:, 1] == 0).all()
 
 
+def test_padded_reverse_reads_the_last_tracked_row_beyond_it() -> None:
+    """Trained on 4 steps of max_length=10, evaluation on 7 steps reads row 3 for steps
+    3..6 (Cooijmans §3), not the untracked rows 4..6: the same as rows 4..9 filled with
+    row 3."""
+    torch.manual_seed(0)
+    ours = PaddedReverseBNLSTM(3, 4, max_length=10).double()
+    ours(torch.randn(4, 5, 3, dtype=torch.double), torch.tensor([4, 4, 3, 2, 4]))
+    ours.eval()
+    filled = copy.deepcopy(ours)
+    for key in ("ih", "hh", "c"):
+        bn = getattr(filled, f"bn_{key}")
+        if bn.running_mean.dim() == 2:
+            bn.running_mean[4:] = bn.running_mean[3]
+            bn.running_var[4:] = bn.running_var[3]
+    x, lengths = torch.randn(7, 2, 3, dtype=torch.double), torch.tensor([7, 5])
+    torch.testing.assert_close(ours(x, lengths)[0], filled(x, lengths)[0])
+
+
 # ------------------------------------------------------------------------- training
 
 

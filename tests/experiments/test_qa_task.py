@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness_helpers import HAVE_PTB, REAL_DATA
+from harness_helpers import HAVE_PTB, REAL_DATA, Crash, crash_after
 
 from bnrnn_experiments import rundir as rd
 from bnrnn_experiments.checkpoint import load_checkpoint
@@ -148,7 +148,9 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
     cfg = make_config("ptb-cloze", "bn-e*", "quick", dry_run=True, data_dir=str(REAL_DATA),
                       max_steps=6, eval_interval=3, save_interval=2, train_subset=20)  # fmt: skip
     train(cfg, tmp_path / "full", quiet=True)
-    assert train(cfg, tmp_path / "resumed", quiet=True, stop_at_step=3)["step"] == 3
+    with crash_after(3), pytest.raises(Crash):
+        train(cfg, tmp_path / "resumed", quiet=True)
+    assert max(r["step"] for r in rd.read_metrics(tmp_path / "resumed")) == 3
     train(cfg, tmp_path / "resumed", quiet=True, resume=True)
     a = load_checkpoint(tmp_path / "full" / rd.LAST)["model"]
     b = load_checkpoint(tmp_path / "resumed" / rd.LAST)["model"]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness_helpers import REAL_DATA, needs
+from harness_helpers import REAL_DATA, Crash, crash_after, needs
 
 from bnrnn_experiments import rundir as rd
 from bnrnn_experiments.checkpoint import load_checkpoint
@@ -71,9 +71,10 @@ def test_resume_equals_uninterrupted(task: str, tmp_path: Path) -> None:
     cfg = make_config(task, model, "quick", dry_run=True, data_dir=str(REAL_DATA), **kw)
     full = train(cfg, tmp_path / "full", quiet=True)
 
-    # "crash" after step 5: the last checkpoint is from step 4, step 5 is done again
-    out = train(cfg, tmp_path / "resumed", quiet=True, stop_at_step=5)
-    assert out == {"interrupted": True, "step": 5}
+    # crash after step 5: the last checkpoint is from step 4, step 5 is done again
+    with crash_after(5), pytest.raises(Crash):
+        train(cfg, tmp_path / "resumed", quiet=True)
+    assert not (tmp_path / "resumed" / rd.RESULTS).exists()
     assert load_checkpoint(tmp_path / "resumed" / rd.LAST)["step"] == 4
     assert max(r["step"] for r in rd.read_metrics(tmp_path / "resumed")) == 5
     resumed = train(cfg, tmp_path / "resumed", quiet=True, resume=True)

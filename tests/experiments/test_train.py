@@ -52,18 +52,36 @@ def test_dry_run(task: str, model: str, tmp_path: Path, fake_text8_dir: Path) ->
 
     metric = {"smnist": "acc", "pmnist": "acc", "ptb-word": "ppl"}.get(task, "bpc")
     assert results["metric"] == metric and results["steps"] == cfg.max_steps
-    for split in ("valid", "test"):
-        assert math.isfinite(results["running"][split][metric])
+    _check_scores(task, cfg, results["running"])
     if MODELS[model].norm in (None, "layer"):  # no population statistics
         assert results["reestimated"] is None
     else:  # BN: the report has the re-estimated population statistics too
         assert results["pop_batches"] == cfg.pop_batches
-        for split in ("valid", "test"):
-            assert math.isfinite(results["reestimated"][split][metric])
+        _check_scores(task, cfg, results["reestimated"])
     assert json.loads((run_dir / rd.RESULTS).read_text())["steps"] == cfg.max_steps
     if task == "pmnist":
         perm = np.load(run_dir / "permutation.npy")
         assert sorted(perm.tolist()) == list(range(784))
+
+
+def _check_scores(task: str, cfg, scores: dict) -> None:
+    """Each split's score is its loss's (bits per character, perplexity) or an accuracy
+    (a whole number of the images evaluated: all of the subset); the loss is per symbol or
+    image: a model a few steps from its initialisation does no worse than about the
+    uniform guess (log V nats)."""
+    mnist = task in ("smnist", "pmnist")
+    classes = 10 if mnist else make_task(cfg).vocab_size
+    for split in ("valid", "test"):
+        s = scores[split]
+        assert 0 < s["loss"] < math.log(classes) + 0.5, (split, classes, s)
+        if mnist:
+            assert s["count"] == getattr(cfg, f"{split}_subset")
+            correct = s["acc"] * s["count"] / 100
+            assert 0 <= correct == pytest.approx(round(correct)), s
+        elif task == "ptb-word":
+            assert s["ppl"] == pytest.approx(math.exp(s["loss"]))
+        else:
+            assert s["bpc"] == pytest.approx(s["loss"] / math.log(2))
 
 
 @needs("ptb-char")
@@ -109,7 +127,7 @@ def test_presets_resolve() -> None:
             for model in spec.models:
                 cfg = make_config(task, model, preset)
                 assert total_steps(cfg, 1000) > 0
-    # paper numbers (SPEC.md table)
+    # paper numbers (docs/design.md, Paper presets)
     cfg = make_config("pmnist", "bnlstm", "paper")
     assert (cfg.hidden_size, cfg.optimizer, cfg.lr, cfg.optim_momentum, cfg.clip) == (
         100, "rmsprop", 1e-3, 0.9, 1.0)  # fmt: skip

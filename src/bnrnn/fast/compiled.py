@@ -4,9 +4,10 @@ and ``bnrnn_fast::backward_loop``, called by keyword).
 The extension is compiled at first use with `torch.utils.cpp_extension.load` (gcc and
 ninja; the ``ninja`` package from PyPI is found even outside an activated virtualenv) into
 the per-user torch extensions directory (``$TORCH_EXTENSIONS_DIR`` or
-``~/.cache/torch_extensions``). Its name carries a hash of the source, the torch version
-and the CPU, so a build is done once per machine and reused by every later process; a
-lock in the build directory makes concurrent first uses wait for one build.
+``~/.cache/torch_extensions``). Its name carries a hash of the source (and its folder), the
+torch version and the CPU, so a build is done once per machine and checkout and reused by
+every later process; a lock in the build directory makes concurrent first uses wait for
+one build.
 
 `load` raises if the build fails; `load_or_warn` warns once and returns None, and the
 caller then runs the Python loops (`bnrnn.fast.loops`), which compute the same thing.
@@ -65,6 +66,9 @@ def _cpu_tag() -> str:
 
 def build_name() -> str:
     h = hashlib.sha256()
+    # The build directory's ninja file records the sources' absolute paths: two checkouts
+    # with the same sources sharing one directory would rebuild it for each other.
+    h.update(str(SOURCES.resolve()).encode())
     for path in sorted(SOURCES.iterdir()):
         h.update(path.name.encode())
         h.update(path.read_bytes())

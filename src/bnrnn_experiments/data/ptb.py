@@ -338,9 +338,6 @@ class Vocabulary:
             return self.stoi[self.unk]
         return i
 
-    def id_to_token(self, i: int) -> str:
-        return self.itos[i]
-
     def encode(self, tokens: Iterable[str]) -> torch.Tensor:
         """Ids of ``tokens`` as a 1-D ``torch.LongTensor`` (a ``str`` encodes its characters)."""
         if isinstance(tokens, str):

@@ -60,6 +60,7 @@ from torch import Tensor, nn
 
 import bnrnn
 from bnrnn import StepBatchNorm
+from bnrnn.packing import batch_sizes_of, present, present_steps
 
 from ..checkpoint import seed_everything
 from ..config import Config, make_config
@@ -156,7 +157,7 @@ def _watch_norms(model: nn.Module) -> Iterator[dict[str, dict[str, _Moments]]]:
                 parts = list(zip(_frames_of(z, sizes), _frames_of(out, sizes)))
             else:  # sequence: every present frame of the batch at once
                 sizes = args[0] if args else kw["batch_sizes"]
-                mask = torch.arange(z.shape[1])[None, :] < torch.as_tensor(sizes)[:, None]
+                mask = present(sizes, z.shape[1])
                 parts = [(z[mask], out[mask])]
             for a, b in parts:
                 rec["input"].add(a)
@@ -254,7 +255,7 @@ def _attention(model: nn.Module, batch: QABatch) -> dict[str, float]:
     y_d, _ = model.encode(doc, doc_len, model.doc_encoder)
     _, u = model.encode(query, query_len, model.query_encoder)
     _, s = model.attend(y_d, doc_len, u)  # (T, N)
-    present = torch.arange(doc.shape[0])[:, None] < doc_len[None, :]
+    present = present_steps(doc_len, doc.shape[0])
     p = s.clamp(min=1e-30)
     entropy = -(torch.where(present, p * p.log(), 0)).sum(0)  # (N,)
     norm = torch.log(doc_len.double().clamp(min=2))
@@ -276,7 +277,7 @@ def _attention_terms(model: nn.Module, batch: QABatch) -> dict[str, dict[str, fl
     """Mean and std (per feature, averaged) of the four terms inside the attention's tanh
     before any normalisation: W_ym y (present positions), W_um u, W_rg r, W_ug u."""
     seen: dict[str, _Moments] = {}
-    doc_present = torch.arange(batch.document.shape[0])[:, None] < batch.doc_lengths[None, :]
+    doc_present = present_steps(batch.doc_lengths, batch.document.shape[0])
 
     def hook(name: str) -> Callable[..., None]:
         def record(module: nn.Module, args: Any, out: Tensor) -> None:
@@ -382,7 +383,7 @@ class Interventions:
         T, N = batch.document.shape
         E = batch.candidates.shape[1]
         ids = batch.document - entity_offset  # (T, N): entity numbers where in [0, E)
-        present = torch.arange(T)[:, None] < batch.doc_lengths[None, :]
+        present = present_steps(batch.doc_lengths, T)
         hit = (ids >= 0) & (ids < E) & present
         index = ids.clamp(0, E - 1).t()  # (N, T)
         counts = torch.zeros(N, E).scatter_add_(1, index, hit.t().float())
@@ -401,7 +402,7 @@ def few_rows(batches: Sequence[QABatch], k: int = 8) -> dict[str, float]:
         steps, below_k, below_4 = 0, 0, 0
         for b in batches:
             lengths = b.doc_lengths if part == "doc" else b.query_lengths
-            present = (lengths[None, :] > torch.arange(int(lengths.max()))[:, None]).sum(1)
+            present = torch.tensor(batch_sizes_of(lengths, int(lengths.max())))
             steps += len(present)
             below_k += int((present < k).sum())
             below_4 += int((present < 4).sum())

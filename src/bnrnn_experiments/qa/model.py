@@ -51,6 +51,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import bnrnn
 from bnrnn import StepBatchNorm, StepNorms, lstm_step
 from bnrnn.init import init_direction
+from bnrnn.packing import batch_sizes_of, present_steps
 
 from ..config import MODELS
 from ..specs import ModelSpec
@@ -65,11 +66,6 @@ __all__ = [
 ]
 
 
-def _batch_sizes(lengths: Tensor, T: int) -> list[int]:
-    """Sequences present at each step, for lengths sorted in decreasing order."""
-    return (lengths[None, :] > torch.arange(T)[:, None]).sum(1).tolist()
-
-
 def sequence_batch_norm(bn: StepBatchNorm, z: Tensor, lengths: Tensor) -> Tensor:
     """`StepBatchNorm.sequence` for rows in any order: one mean and variance over the
     unpadded frames of ``z`` (T, N, F), padded frames (t >= lengths[n]) excluded.
@@ -81,14 +77,9 @@ def sequence_batch_norm(bn: StepBatchNorm, z: Tensor, lengths: Tensor) -> Tensor
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(len(order))
     out = bn.sequence(
-        z.index_select(1, order.to(z.device)), _batch_sizes(sorted_lengths, z.shape[0])
+        z.index_select(1, order.to(z.device)), batch_sizes_of(sorted_lengths, z.shape[0])
     )
     return out.index_select(1, inverse.to(z.device))
-
-
-def _present(lengths: Tensor, T: int, device: torch.device) -> Tensor:
-    """(T, N) bool: step t of sequence n is not padding."""
-    return (torch.arange(T)[:, None] < lengths.to("cpu")[None, :]).to(device)
 
 
 class PaddedReverseBNLSTM(nn.Module):
@@ -163,7 +154,7 @@ class PaddedReverseBNLSTM(nn.Module):
 
     def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         T, N, _ = x.shape
-        present = _present(lengths, T, x.device)  # (T, N)
+        present = present_steps(lengths, T, x.device)  # (T, N)
         x = torch.where(present[..., None], x, 0)
         wx = F.linear(x, self.weight_ih)  # (T, N, 4H)
         if self.input_stats == "sequence":
@@ -209,7 +200,7 @@ class PaddedReverseBNLSTM(nn.Module):
             mean, var = z.mean(0), z.var(0, unbiased=False)
             seen[key].append((mean.detach(), var.detach()))
         else:
-            row = min(t, bn.max_length - 1)  # Cooijmans §3: the last row beyond T_max
+            row = bn.population_row(t)  # Cooijmans §3: the last tracked row beyond T_max
             mean, var = bn.running_mean[row], bn.running_var[row]
         out = (z - mean) * torch.rsqrt(var + bn.eps) * bn.weight
         return out if bn.bias is None else out + bn.bias
@@ -441,14 +432,14 @@ class AttentiveReader(nn.Module):
         return f"model={self.model!r}, num_entities={self.num_entities}{tied}"
 
     def encode(self, tokens: Tensor, lengths: Tensor, encoder: BiEncoder) -> tuple[Tensor, Tensor]:
-        present = _present(lengths, tokens.shape[0], tokens.device)  # (T, N)
+        present = present_steps(lengths, tokens.shape[0], tokens.device)  # (T, N)
         x = self.drop(self.embed(tokens)) * present[..., None]  # (T, N, E), zero at padding
         return encoder(x, lengths)
 
     def attend(self, y_d: Tensor, doc_lengths: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
         """Attention over the document states: (g (N, A), s (T, N)), padded positions of
         ``y_d`` (T, N, 2H) excluded from the softmax and from the BN statistics."""
-        present = _present(doc_lengths, y_d.shape[0], y_d.device)  # (T, N)
+        present = present_steps(doc_lengths, y_d.shape[0], y_d.device)  # (T, N)
         m = self.attend_m(y_d, u, doc_lengths)  # (T, N, A)
         e = self.score(m).squeeze(-1).masked_fill(~present, float("-inf"))  # (T, N)
         s = torch.softmax(e, 0)
