@@ -140,10 +140,13 @@ def test_no_grad_evaluation_and_batch_of_one(backend, cls, dtype):
     _compare(_run(ref, x[:, :1], True), _run(fused, x[:, :1], True), dtype)
 
 
-@pytest.mark.parametrize("input_size", [1, 12])
-def test_input_narrower_and_wider_than_hidden(backend, input_size):
-    """A wide input keeps xhat_ih for the backward, a narrow one recomputes it."""
-    ref, fused = _pair(bnrnn.BNLSTM, torch.float64, input_size=input_size, hidden=4)
+@pytest.mark.parametrize("cls", [bnrnn.BNLSTM, bnrnn.BNRNN])
+@pytest.mark.parametrize("input_size", [1, 10, 12])
+def test_input_narrower_and_wider_than_hidden(backend, cls, input_size):
+    """The compiled loops compute a small input's W_ih x_t in the step (1), W_ih x of all
+    steps as one GEMM and recompute xhat_ih in the backward (10), or keep it for an input
+    wider than the hidden layer (12)."""
+    ref, fused = _pair(cls, torch.float64, input_size=input_size, hidden=11)
     x = torch.randn(6, 3, input_size, dtype=torch.float64)
     for lengths in (None, [6, 4, 3]):
         _compare(_run(ref, x, True, lengths), _run(fused, x, True, lengths), torch.float64)

@@ -170,8 +170,8 @@ def make_plan(
     """The plan of one call over x of ``shape`` (T, N, I). ``norms``: for each BN present,
     (eps, whether it uses batch statistics: training, or collecting population
     statistics). ``layer``: the norms are layer normalisations (norm="layer"; the
-    compiled loops run them in csrc/layer.h, with W_ih x given for all steps and the gate
-    activations kept)."""
+    compiled loops run them in csrc/layer.h, with W_ih x given for all steps or computed in
+    the step for a small input, and the gate activations kept)."""
     T, N, I = shape
 
     def norm(key: str) -> NormPlan | None:
@@ -196,7 +196,6 @@ def make_plan(
     # ("preactivation" keeps xhat of the whole pre-activation in wx for the backward)
     inline_ih = (
         compiled
-        and not layer
         and I <= INLINE_MAX_INPUT
         and not ((pre is not None or keep_ih) and save)
         and not sequence

@@ -10,8 +10,10 @@
 // its own rows, with no barrier (forward_rows in forward.h does the same for evaluation
 // of the BN placements). Buffers as in loop.h, with the statistics of each LN as (T, N)
 // rows of means and biased variances, one per row; wx holds W_ih x for every step (or a
-// chunk of them from wx_base), normalised in place to xhat_ih; gates are saved per step
-// (no recomputation); the backward reads xhat_ih of the chunk's steps at t - t0 in wx.
+// chunk of them from wx_base), normalised in place to xhat_ih, or with inline_ih (small
+// I: sequential MNIST) one step computed in the step from x; gates are saved per step (no
+// recomputation); the backward reads xhat_ih of the chunk's steps at t - t0 in wx, or
+// with inline_ih recomputes it per row and sums dW_ih^T itself.
 
 #pragma once
 
@@ -117,7 +119,7 @@ void layer_forward_impl(const Loop& lp) {
       const T* h_prev = t == 0 ? data<T>(lp.h0) : data<T>(lp.out) + (t - 1) * N * H;
       T* wh = data<T>(lp.wh) + s * N * G;
       gh.run<T>(0, h_prev + r0 * H, wh + r0 * G, m);
-      T* wx = data<T>(lp.wx) + (t - lp.wx_base) * N * G;
+      T* wx = data<T>(lp.wx) + (lp.inline_ih ? 0 : t - lp.wx_base) * N * G;
       T* act = data<T>(lp.gates) + (lstm ? s : 0) * N * G;  // (the RNN's: one step)
       T* out = data<T>(lp.out) + t * N * H;
       T* cell = lstm ? data<T>(lp.cell) + s * N * H : nullptr;
@@ -130,6 +132,7 @@ void layer_forward_impl(const Loop& lp) {
         T* xh = wh + r * G;
         T* xi = wx + r * G;
         T* a = act + r * G;
+        if (lp.inline_ih) project(lp, t, 1, 0, G, xi, r);  // W_ih x_t of the row
         ln_row<T>(xh, G, T(lp.hh.eps), stat(lp.hh, t, r, false), stat(lp.hh, t, r, true));
         ln_row<T>(xi, G, T(lp.ih.eps), stat(lp.ih, t, r, false), stat(lp.ih, t, r, true));
         for (int64_t j = 0; j < G; ++j) a[j] = xi[j] * g_ih[j] + xh[j] * g_hh[j];
@@ -173,15 +176,18 @@ void layer_backward_impl(const Loop& lp) {
   auto rstd = [&](const Norm& nm, int64_t t, int64_t r) {
     return T(1) / std::sqrt(static_cast<T*>(nm.var)[t * N + r] + T(nm.eps));
   };
-  // per thread: the sums of dL/d(bias, g_ih, g_hh) (G each) and of dL/d(g_c, b_c) (H each)
-  const int64_t A = 3 * G + 2 * H;
+  // per thread: the sums of dL/d(bias, g_ih, g_hh) (G each), of dL/d(g_c, b_c) (H each)
+  // and, with the inline projection, of dL/dW_ih^T (I, G)
+  const int64_t I = lp.I, WI = lp.inline_ih ? I * G : 0;
+  const int64_t A = 3 * G + 2 * H + WI;
   std::vector<T> sums(nth * A, T(0));
   T* dh_all = data<T>(lp.d_h);
   for_rows(N, nth, [&](int64_t tid, int64_t r0, int64_t r1) {
     T* acc = sums.data() + tid * A;
     T *s_bias = acc, *s_gi = acc + G, *s_gh = acc + 2 * G, *s_gc = acc + 3 * G,
-      *s_bc = acc + 3 * G + H;
-    std::vector<T> scratch(G + 5 * H);
+      *s_bc = acc + 3 * G + H, *s_wi = acc + 3 * G + 2 * H;
+    std::vector<T> scratch(2 * G + 5 * H);
+    T* xi_row = scratch.data() + G + 5 * H;  // inline: xhat_ih of the row, recomputed
     T* da = scratch.data();
     T* dh = da + G;  // dL/dh_t of the row
     T* xc = dh + H;  // xhat_c
@@ -191,15 +197,23 @@ void layer_backward_impl(const Loop& lp) {
     for (int64_t t = t1 - 1; t >= t0 && r1 > r0; --t) {
       const int64_t m = std::clamp<int64_t>(lp.sizes[t] - r0, 0, r1 - r0);
       const int64_t k = t - t0;
-      const T* xi_t = data<T>(lp.wx) + k * N * G;  // xhat_ih of the chunk's steps
+      const T* xi_t = lp.inline_ih ? nullptr : data<T>(lp.wx) + k * N * G;  // xhat_ih
       const T* xh_t = data<T>(lp.wh) + t * N * G;  // xhat_hh
       const T* act_t = data<T>(lp.gates) + t * N * G;
       const T* d_out = data<T>(lp.d_out) + t * N * H;
-      T* d_wx = data<T>(lp.d_wx) + k * N * G;
+      // (inline: one step when nothing else needs it: dW_ih is summed here)
+      T* d_wx = data<T>(lp.d_wx) + (lp.d_wx.size(0) == 1 ? 0 : k) * N * G;
       T* d_wh = data<T>(lp.d_wh) + k * N * G;
       for (int64_t r = r0; r < r0 + m; ++r) {
-        const T* xi = xi_t + r * G;
         const T* xh = xh_t + r * G;
+        const T* xi = xi_row;
+        if (lp.inline_ih) {  // xhat_ih = (W_ih x_t - mean) * rstd, as the forward computed it
+          project(lp, t, 1, 0, G, xi_row, r);
+          const T mu = static_cast<T*>(lp.ih.mean)[t * N + r], rs = rstd(lp.ih, t, r);
+          for (int64_t j = 0; j < G; ++j) xi_row[j] = (xi_row[j] - mu) * rs;
+        } else {
+          xi = xi_t + r * G;
+        }
         for (int64_t j = 0; j < H; ++j) dh[j] = d_out[r * H + j] + dh_all[r * H + j];
         if (lstm) {
           const T* a = act_t + r * G;
@@ -236,8 +250,17 @@ void layer_backward_impl(const Loop& lp) {
           }
         }
         for (int64_t j = 0; j < G; ++j) s_bias[j] += da[j];
-        ln_row_backward<T>(da, xi, g_ih, rstd(lp.ih, t, r), G, s_gi, d_wx + r * G);
+        T* dwx = d_wx + r * G;
+        ln_row_backward<T>(da, xi, g_ih, rstd(lp.ih, t, r), G, s_gi, dwx);
         ln_row_backward<T>(da, xh, g_hh, rstd(lp.hh, t, r), G, s_gh, d_wh + r * G);
+        if (lp.inline_ih) {  // dW_ih^T += x_t^T dL/d(W_ih x_t), the row's part
+          const T* xr = data<T>(lp.x) + (t * N + r) * I;
+          for (int64_t i = 0; i < I; ++i) {
+            T* o = s_wi + i * G;
+            const T xv = xr[i];
+            for (int64_t j = 0; j < G; ++j) o[j] += xv * dwx[j];
+          }
+        }
       }
       for (int64_t r = r0 + m; r < r1; ++r) {  // sequences already finished at t
         std::memset(d_wx + r * G, 0, G * sizeof(T));
@@ -246,16 +269,24 @@ void layer_backward_impl(const Loop& lp) {
       gh.run<T>(0, d_wh + r0 * G, dh_all + r0 * H, m);  // dL/dh_{t-1} of the present rows
     }
   });
-  T* out[5] = {data<T>(lp.grad_bias), data<T>(lp.grad_gamma_ih), data<T>(lp.grad_gamma_hh),
-               data<T>(lp.grad_gamma_c), data<T>(lp.grad_beta_c)};
-  const int64_t off[5] = {0, G, 2 * G, 3 * G, 3 * G + H};
-  const int64_t len[5] = {G, G, G, H, H};
-  for (int64_t q = 0; q < 5; ++q) {
+  T* out[6] = {data<T>(lp.grad_bias), data<T>(lp.grad_gamma_ih), data<T>(lp.grad_gamma_hh),
+               data<T>(lp.grad_gamma_c), data<T>(lp.grad_beta_c),
+               lp.inline_ih ? data<T>(lp.grad_w_ih_t) : nullptr};
+  const int64_t off[6] = {0, G, 2 * G, 3 * G, 3 * G + H, 3 * G + 2 * H};
+  const int64_t len[6] = {G, G, G, H, H, WI};
+  for (int64_t q = 0; q < 6; ++q) {
     if (!out[q]) continue;
     for (int64_t p = 0; p < nth; ++p) {
       const T* s = sums.data() + p * A + off[q];
       for (int64_t j = 0; j < len[q]; ++j) out[q][j] += s[j];
     }
+  }
+  if (lp.inline_ih && lp.d_x.defined()) {
+    // dx_t = dL/d(W_ih x_t) W_ih for the chunk's steps (d_wx holds them: rows beyond each
+    // step's sequences are zero)
+    const int64_t k = t1 - t0;
+    at::Tensor dx = lp.d_x.narrow(0, t0, k).view({k * N, I});
+    at::mm_out(dx, lp.d_wx.narrow(0, 0, k).view({k * N, G}), lp.w_ih);
   }
 }
 
