@@ -6,6 +6,7 @@ import copy
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pack_padded_sequence
 
 
 def manual_bn(
@@ -108,3 +109,29 @@ def eval_outputs(modules: dict, x: Tensor) -> dict[str, Tensor]:
     }
     with torch.no_grad():
         return {name: run[type(m).__name__](m.eval()) for name, m in modules.items()}
+
+
+def forward_backward(
+    model, x, train: bool, lengths=None, packed=False, time_offset=0, hx=None, input_grad=True
+):
+    """One forward and backward; returns outputs, states, gradients and buffers."""
+    model.train(train)
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(input_grad)
+    inp = x
+    if packed:
+        inp = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        out, state = model(inp, hx, time_offset=time_offset)
+        out = out.data
+    else:
+        out, state = model(inp, hx, lengths=lengths, time_offset=time_offset)
+    states = state if isinstance(state, tuple) else (state,)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    loss = (out * weights).sum()
+    for k, s in enumerate(states):
+        loss = loss + (s * (1.3 + k)).sum()
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    grads["input"] = x.grad
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    return out.detach(), [s.detach() for s in states], grads, buffers

@@ -14,10 +14,10 @@ import copy
 
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence
 
 import bnrnn
 from bnrnn import fast
+from helpers import forward_backward
 
 TOL = {torch.float64: (1e-9, 1e-7), torch.float32: (1e-5, 2e-3)}
 
@@ -59,25 +59,8 @@ def _pair(cls, dtype, input_size=3, hidden=5, **kw):
 
 
 def _run(model, x, train, lengths=None, packed=False, time_offset=0, hx=None):
-    model.train(train)
-    model.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_(True)
-    if packed:
-        out, state = model(
-            pack_padded_sequence(x, lengths, enforce_sorted=False), hx, time_offset=time_offset
-        )
-        out = out.data
-    else:
-        out, state = model(x, hx, lengths=lengths, time_offset=time_offset)
-    states = state if isinstance(state, tuple) else (state,)
-    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
-    loss = (out * weights).sum()
-    for k, s in enumerate(states):
-        loss = loss + (s * (1.3 + k)).sum()
-    loss.backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    grads["input"] = x.grad
-    return out.detach(), [s.detach() for s in states], grads
+    """One forward and backward: outputs, states and gradients (LN has no buffers)."""
+    return forward_backward(model, x, train, lengths, packed, time_offset, hx)[:3]
 
 
 def _close(a, b, dtype, what):

@@ -323,26 +323,17 @@ bool forward_rows(const Loop& lp) {
   BlockGemm gh(lp.w_hh_t, H, G / H, bl, (N + nth - 1) / nth);
   c10::optional<BlockGemm> gi;
   if (lp.step_ih) gi.emplace(lp.w_ih_t, H, G / H, bl, (N + nth - 1) / nth);
-  FirstError first;
-#pragma omp parallel num_threads(nth)
-  {
-    MklOneThread one;
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const int64_t tid = omp_get_thread_num(), k = omp_get_num_threads();
-    const int64_t r0 = N * tid / k, r1 = N * (tid + 1) / k;
-    first.run([&] {
-      for (int64_t t = lp.t0; t < lp.t1 && r1 > r0; ++t) {
-        const int64_t m = std::clamp<int64_t>(lp.sizes[t] - r0, 0, r1 - r0);
-        const T* h_prev = t == 0 ? data<T>(lp.h0) : data<T>(lp.out) + lp.row(t - 1) * N * H;
-        T* wh = data<T>(lp.wh);  // one step (nothing is saved here)
-        gh.run<T>(0, h_prev + r0 * H, wh + r0 * G, m);
-        if (gi)
-          gi->run<T>(0, data<T>(lp.x) + (lp.row(t) * N + r0) * lp.I, data<T>(lp.wx) + r0 * G, m);
-        forward_block<T>(lp, t, lp.sizes[t], 0, H, r0, r1);
-      }
-    });
-  }
-  first.rethrow();
+  for_rows(N, nth, [&](int64_t, int64_t r0, int64_t r1) {
+    for (int64_t t = lp.t0; t < lp.t1 && r1 > r0; ++t) {
+      const int64_t m = std::clamp<int64_t>(lp.sizes[t] - r0, 0, r1 - r0);
+      const T* h_prev = t == 0 ? data<T>(lp.h0) : data<T>(lp.out) + lp.row(t - 1) * N * H;
+      T* wh = data<T>(lp.wh);  // one step (nothing is saved here)
+      gh.run<T>(0, h_prev + r0 * H, wh + r0 * G, m);
+      if (gi)
+        gi->run<T>(0, data<T>(lp.x) + (lp.row(t) * N + r0) * lp.I, data<T>(lp.wx) + r0 * G, m);
+      forward_block<T>(lp, t, lp.sizes[t], 0, H, r0, r1);
+    }
+  });
   return true;
 }
 

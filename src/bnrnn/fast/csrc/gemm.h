@@ -336,6 +336,21 @@ template <typename F> void for_steps(const Blocks& bl, int64_t steps, const F& s
   first.rethrow();
 }
 
+// Runs work(tid, r0, r1) on each thread's rows [r0, r1) of N, for loops whose rows never
+// meet (no barrier), with MKL on the calling thread only.
+template <typename F> void for_rows(int64_t N, int64_t nth, const F& work) {
+  FirstError first;
+#pragma omp parallel num_threads(nth)
+  {
+    MklOneThread one;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const int64_t tid = omp_get_thread_num(), k = omp_get_num_threads();
+    const int64_t r0 = N * tid / k, r1 = N * (tid + 1) / k;
+    first.run([&] { work(tid, r0, r1); });
+  }
+  first.rethrow();
+}
+
 inline bool set_gemm(const std::string& name) {
   TORCH_CHECK(name == "brgemm" || name == "packed" || name == "mm", "unknown GEMM ", name);
   g_gemm = name == "brgemm" ? BRGEMM : name == "packed" ? PACKED : MM;

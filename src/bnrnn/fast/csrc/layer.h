@@ -81,20 +81,6 @@ inline int64_t layer_threads(const Loop& lp) {
   return std::max<int64_t>(1, std::min<int64_t>(n_blocks(lp.N * lp.G * lp.H), lp.N));
 }
 
-// Runs work(r0, r1) on each thread's rows [r0, r1), MKL on the calling thread only.
-template <typename F> void for_rows(int64_t N, int64_t nth, const F& work) {
-  FirstError first;
-#pragma omp parallel num_threads(nth)
-  {
-    MklOneThread one;
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const int64_t tid = omp_get_thread_num(), k = omp_get_num_threads();
-    const int64_t r0 = N * tid / k, r1 = N * (tid + 1) / k;
-    first.run([&] { work(tid, r0, r1); });
-  }
-  first.rethrow();
-}
-
 template <typename T>
 void layer_forward_impl(const Loop& lp) {
   const int64_t N = lp.N, H = lp.H, G = lp.G;
