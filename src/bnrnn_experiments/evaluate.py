@@ -84,7 +84,10 @@ def scores_with_population(
 def format_scores(metric: str, scores: dict[str, Any]) -> str:
     """A small table: one row per split(@length), columns running / re-estimated."""
     running, reest = scores["running"], scores.get("reestimated")
-    head = f"| {'split':<12} | {metric + ' (running stats)':>22} |"
+    # "running stats" only beside re-estimated ones: models without BN (the LSTM, layer
+    # normalisation) have no population statistics
+    first = metric + " (running stats)" if reest is not None else metric
+    head = f"| {'split':<12} | {first:>22} |"
     rule = f"|{'-' * 14}|{'-' * 24}|"
     if reest is not None:
         head += f" {metric + ' (re-estimated)':>22} |"
