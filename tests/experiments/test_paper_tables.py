@@ -89,12 +89,3 @@ def test_an_evaluation_made_again_replaces_the_final_scores(tmp_path: Path) -> N
     assert cell == "140.0 / 120.0 ([eval.json](results/ptb-word-small-lstm/eval.json))"
     (run_dir / "eval.json").write_text(json.dumps({**again, "checkpoint": "last"}))
     assert pt._test(1)(load_run(run_dir)) == "140.0 / 139.5"
-
-
-def test_score_table_names_running_statistics_only_beside_re_estimated_ones() -> None:
-    from bnrnn_experiments.evaluate import format_scores
-
-    plain = format_scores("acc", {"running": {"test": {"acc": 90.0}}, "reestimated": None})
-    assert "running" not in plain and "90.0000" in plain
-    bn = {"running": {"test": {"acc": 90.0}}, "reestimated": {"test": {"acc": 91.0}}}
-    assert "acc (running stats)" in format_scores("acc", bn)
