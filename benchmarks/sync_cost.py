@@ -9,7 +9,10 @@ Variants (each a `bnrnn.BNLSTM` + linear head in DDP, forward + backward + SGD s
   synced          convert_sync_batchnorm: the reference path (the fast path does not sync)
   unsynced        impl="auto": the fast path where it applies (reported)
   unsynced-ref    impl="reference": separates the collectives' cost from the path's
-Prints median step times (ms) and the ratios synced / unsynced, synced / unsynced-ref.
+Prints median step times (ms) and the ratios synced / unsynced, synced / unsynced-ref, then
+the all-reduces the layers issue per synced step, the time of one of each size on this
+machine, and the floor they set: synced / unsynced can be no lower than
+(unsynced + count x time) / unsynced, however the collectives are issued.
 """
 
 from __future__ import annotations
@@ -80,10 +83,46 @@ def _worker(rank: int, init: str, args: argparse.Namespace, out: str) -> None:
                 paths[name] = "fast" if calls["fast"] else "reference"
                 if r >= args.warmup:
                     times[name].append(dt)
+        collectives = _count_collectives(variants["synced"], x, y)
+        floor = {n: _all_reduce_us(n, args.rounds * 50) for n in sorted(set(collectives))}
         if rank == 0:
-            torch.save({"times": times, "paths": paths}, out)
+            torch.save({"times": times, "paths": paths, "collectives": collectives,
+                        "floor_us": floor}, out)  # fmt: skip
     finally:
         dist.destroy_process_group()
+
+
+def _count_collectives(variant, x: torch.Tensor, y: torch.Tensor) -> list[int]:
+    """The element counts of the all-reduces the layers issue in one synchronised training
+    step (DDP's gradient buckets excluded: the unsynced variants pay those too)."""
+    ddp, opt = variant
+    sizes: list[int] = []
+    original = dist.all_reduce
+
+    def counting(tensor, *a, **k):
+        sizes.append(tensor.numel())
+        return original(tensor, *a, **k)
+
+    dist.all_reduce = counting
+    try:
+        loss = nn.functional.cross_entropy(ddp(x), y)
+        opt.zero_grad()
+        loss.backward()
+    finally:
+        dist.all_reduce = original
+    return sizes
+
+
+def _all_reduce_us(numel: int, repeats: int) -> float:
+    """Median microseconds of one gloo all-reduce of ``numel`` float32 on this machine: the
+    floor of a synchronised step is the count per step times this."""
+    t = torch.zeros(numel)
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dist.all_reduce(t)
+        samples.append(time.perf_counter() - t0)
+    return 1e6 * statistics.median(samples)
 
 
 def main() -> None:
@@ -109,6 +148,18 @@ def main() -> None:
         print(f"  {k:<13} {v:8.1f} ms/step   ({res['paths'][k]} path)")
     print(f"  synced / unsynced     = {med['synced'] / med['unsynced']:.2f}")
     print(f"  synced / unsynced-ref = {med['synced'] / med['unsynced-ref']:.2f}")
+    sizes, floor = res["collectives"], res["floor_us"]
+    total = sum(floor[n] for n in sizes) / 1000
+    print(
+        f"  collectives of the layers per synced training step: {len(sizes)} "
+        f"({len(sizes) / args.steps:.1f} per time step)"
+    )
+    for n in sorted(set(sizes)):
+        print(f"    {sizes.count(n):5d} x {n:6d} floats: {floor[n]:7.1f} us each (gloo, median)")
+    print(
+        f"  their floor: {total:.1f} ms/step, so synced / unsynced >= "
+        f"{(med['unsynced'] + total) / med['unsynced']:.2f} on the fast path"
+    )
 
 
 if __name__ == "__main__":
