@@ -44,6 +44,14 @@ class Run:
         results.json's."""
         return self.evaluated if self.evaluated is not None else self.results
 
+    def final_score(self, split: str, which: str) -> float | None:
+        """The final score on ``split`` with the ``which`` ("running" or "reestimated")
+        population statistics; None if absent."""
+        scores = None if self.final is None else self.final.get(which)
+        if not scores or split not in scores:
+            return None
+        return scores[split][self.metric]
+
     @property
     def metric(self) -> str:
         if self.results is not None:
@@ -71,16 +79,6 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     if evaluated is not None and evaluated.get("checkpoint") != "best":
         evaluated = None
     return Run(path.name, path, config, read_metrics(path), read_json(path / RESULTS), evaluated)
-
-
-def _final(run: Run, split: str, which: str) -> float | None:
-    final = run.final
-    if final is None:
-        return None
-    scores = final.get(which)
-    if not scores or split not in scores:
-        return None
-    return scores[split][run.metric]
 
 
 def _best_valid(run: Run) -> tuple[float | None, int | None]:
@@ -124,8 +122,8 @@ def format_table(runs: Sequence[Run]) -> str:
                 str(steps),
                 run.metric,
                 "-" if best is None else f"{num(best)} ({best_step})",
-                num(_final(run, "test", "running")),
-                num(_final(run, "test", "reestimated")),
+                num(run.final_score("test", "running")),
+                num(run.final_score("test", "reestimated")),
                 _duration(seconds),
             ]
         )
@@ -154,7 +152,7 @@ def make_figure(runs: Sequence[Run], title: str | None = None) -> Figure:
             (line,) = ax_loss.plot(steps, loss, label=run.name, lw=1.2, alpha=0.9)
             steps, values = run.curve("valid", metric)
             ax_valid.plot(steps, values, marker="o", ms=3, color=line.get_color(), label=run.name)
-            final = _final(run, "test", "reestimated") or _final(run, "test", "running")
+            final = run.final_score("test", "reestimated") or run.final_score("test", "running")
             if final is not None and steps:
                 ax_valid.axhline(final, color=line.get_color(), ls=":", lw=1)
         ax_loss.set_xlabel("training steps")

@@ -35,13 +35,9 @@ DOC = Path("docs/reproduction.md")
 def final_score(run: Run, split: str, stats: str) -> float | None:
     """The final score on ``split`` with the ``stats`` population statistics ("running"
     or "reestimated"); None if absent (no BN: both are the running ones)."""
-    final = run.final
-    if final is None:
-        return None
-    scores = final.get(stats) or final.get("running")
-    if not scores or split not in scores:
-        return None
-    return scores[split][final["metric"]]
+    if run.final is not None and not run.final.get(stats):
+        stats = "running"
+    return run.final_score(split, stats)
 
 
 def best_valid(run: Run) -> tuple[float | None, int | None]:
