@@ -106,11 +106,14 @@ def test_matches_reference(backend, cls, layers, bidirectional, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("cls", [bnrnn.BNLSTM, bnrnn.BNRNN])
-def test_no_grad_evaluation_and_batch_of_one(backend, cls, dtype):
-    """Without a backward (input GEMM in chunks, the reverse direction walking time
-    backwards) and for a single sequence in training."""
-    ref, fused = _pair(cls, dtype, num_layers=2, bidirectional=True)
-    x = torch.randn(8, 3, 3, dtype=dtype)
+@pytest.mark.parametrize("input_size", [3, 12])
+def test_no_grad_evaluation_and_batch_of_one(backend, cls, dtype, input_size):
+    """Without a backward (the Python loops: the input GEMM in chunks; the compiled loops:
+    W_ih x_t in the step, in the step's row loop for a small input (3) or by a GEMM of the
+    thread's rows (12), the reverse direction walking time backwards) and for a single
+    sequence in training."""
+    ref, fused = _pair(cls, dtype, input_size=input_size, num_layers=2, bidirectional=True)
+    x = torch.randn(8, 3, input_size, dtype=dtype)
     for train in (False, True):
         ref.train(train), fused.train(train)
         for lengths in (None, [8, 6, 2]):
@@ -241,3 +244,24 @@ def test_gradgradcheck(cls):
     x = torch.randn(3, 3, 2, dtype=torch.float64, requires_grad=True)
     params = tuple(p.detach().clone().requires_grad_() for p in m.parameters())
     assert torch.autograd.gradgradcheck(fn, (x, *params), eps=1e-6, atol=1e-4, rtol=1e-3)
+
+
+def test_plan_computes_the_input_term_in_the_step_only_without_a_backward():
+    """The compiled layer loops keep xhat_ih for their backward (W_ih x of all steps before
+    the loop); without one they compute W_ih x_t in the step, as the BN placements do. The
+    Python loops take W_ih x a chunk of steps at a time."""
+    norms = {key: (1e-5, True) for key in ("ih", "hh", "c")}
+    T = fast.plan.EVAL_CHUNK + 8
+
+    def plan(save, compiled=True, I=12):
+        sizes = (5,) * T
+        return fast.plan.make_plan(
+            fast.plan.LSTM, sizes, (T, 5, I), 6, 24, norms, False, save, compiled, False,
+            layer=True,
+        )  # fmt: skip
+
+    assert plan(save=False).step_ih and not plan(save=False).eval_chunks
+    assert not plan(save=True).step_ih
+    python = plan(save=False, compiled=False)
+    assert not python.step_ih and python.eval_chunks
+    assert plan(save=False, I=3).inline_ih and not plan(save=False, I=3).step_ih

@@ -92,8 +92,8 @@ def fast_direction(
         if not unpadded(batch_sizes, x.shape[1]):
             raise ValueError("reverse=True needs a batch with no padding")
         # The compiled loops walk x and the output backwards themselves without a backward
-        # (saves the two flips); otherwise flip. (The Python loops run layer norms.)
-        if needs_grad or sequence_ih or layer or not uses_compiled(x):
+        # (saves the two flips); otherwise flip.
+        if needs_grad or sequence_ih or not uses_compiled(x):
             out, state = fast_direction(x.flip(0), batch_sizes, state, p, step, time_offset)
             return out.flip(0), state
     stats: dict[str, Any] = {}

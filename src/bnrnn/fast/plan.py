@@ -204,8 +204,9 @@ def make_plan(
     # The backward keeps W_ih x (normalised) only for "preactivation", sequence-wise
     # statistics and inputs wider than H; otherwise it recomputes xhat_ih. Then the compiled
     # loops compute W_ih x_t at each step, forward and backward, each block its own columns
-    # (read back from L1/L2; one GEMM per chunk of steps was no faster).
-    step_ih = compiled and not layer and not inline_ih and not sequence and not keep_wx
+    # (read back from L1/L2; one GEMM per chunk of steps was no faster). The layer loops
+    # keep xhat_ih for their backward, so they compute W_ih x_t in the step only without one.
+    step_ih = compiled and not (layer and save) and not inline_ih and not sequence and not keep_wx
     return Plan(
         kind=kind,
         sizes=sizes,

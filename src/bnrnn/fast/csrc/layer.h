@@ -48,15 +48,31 @@ __attribute__((always_inline)) inline T sum16(int64_t F, const Fn& f) {
   return s;
 }
 
-// z[0..F) <- (z - mean) / sqrt(var + eps), the row's mean and biased variance stored
-// (Ba et al. §3.1 eq. 4). Two passes, as torch's layer_norm computes them.
+// The mean and biased variance of z[0..F), stored, and 1 / sqrt(var + eps) (Ba et al. §3.1
+// eq. 4). Two passes, as torch's layer_norm computes them.
 template <typename T>
-__attribute__((noinline)) void ln_row(T* __restrict__ z, int64_t F, T eps, T* mean, T* var) {
+__attribute__((noinline)) T ln_moments(const T* __restrict__ z, int64_t F, T eps, T* mean,
+                                       T* var) {
   const T m = sum16<T>(F, [&](int64_t j) { return z[j]; }) / T(F);
   const T v = sum16<T>(F, [&](int64_t j) { return (z[j] - m) * (z[j] - m); }) / T(F);
   *mean = m, *var = v;
-  const T rs = T(1) / std::sqrt(v + eps);
-  for (int64_t j = 0; j < F; ++j) z[j] = (z[j] - m) * rs;
+  return T(1) / std::sqrt(v + eps);
+}
+
+// The gate pre-activation of one row, a = xhat_ih g_ih + xhat_hh g_hh + b, in one pass
+// over the G features; with keep, xhat_ih and xhat_hh replace W_ih x and W_hh h in place
+// (the backward reads them). The same arithmetic either way, so that evaluation and
+// training give the same outputs.
+template <typename T, bool keep>
+__attribute__((noinline)) void ln_gates_row(T* __restrict__ xi, T* __restrict__ xh,
+                                            T* __restrict__ a, const T* __restrict__ g_ih,
+                                            const T* __restrict__ g_hh, const T* __restrict__ b,
+                                            int64_t G, T mi, T ri, T mh, T rh) {
+  for (int64_t j = 0; j < G; ++j) {
+    const T ni = (xi[j] - mi) * ri, nh = (xh[j] - mh) * rh;
+    if (keep) xi[j] = ni, xh[j] = nh;
+    a[j] = ni * g_ih[j] + nh * g_hh[j] + b[j];
+  }
 }
 
 // dz[0..F) = dL/dz of y = gamma * xhat(z) over one row, from dy: the row's mean and
@@ -88,6 +104,10 @@ void layer_forward_impl(const Loop& lp) {
   const int64_t nth = layer_threads(lp);
   Blocks bl(H, 1);  // every unit in one block: a thread computes whole rows
   BlockGemm gh(lp.w_hh_t, H, G / H, bl, (N + nth - 1) / nth);
+  // step_ih (no backward): W_ih x_t of the thread's rows in the step, as forward_rows does
+  // (read from L2, no GEMM over all steps before the loop)
+  c10::optional<BlockGemm> gi;
+  if (lp.step_ih) gi.emplace(lp.w_ih_t, H, G / H, bl, (N + nth - 1) / nth);
   const T* bias = data<T>(lp.bias);
   const T* g_ih = data<T>(lp.gamma_ih);
   const T* g_hh = data<T>(lp.gamma_hh);
@@ -97,17 +117,20 @@ void layer_forward_impl(const Loop& lp) {
     return static_cast<T*>(var ? nm.var : nm.mean) + t * N + r;
   };
   for_rows(N, nth, [&](int64_t, int64_t r0, int64_t r1) {
-    std::vector<T> tc_row(H);
+    std::vector<T> tc_row(H), zero_bias(bias ? 0 : G, T(0));
     T* tc = tc_row.data();
+    const T* b = bias ? bias : zero_bias.data();  // (+ 0 changes no value)
     for (int64_t t = lp.t0; t < lp.t1 && r1 > r0; ++t) {
       const int64_t m = std::clamp<int64_t>(lp.sizes[t] - r0, 0, r1 - r0);
       const int64_t s = lp.save ? t : 0;
-      const T* h_prev = t == 0 ? data<T>(lp.h0) : data<T>(lp.out) + (t - 1) * N * H;
+      // (reversed time, without a backward only: step t reads x and writes out at row(t))
+      const T* h_prev = t == 0 ? data<T>(lp.h0) : data<T>(lp.out) + lp.row(t - 1) * N * H;
       T* wh = data<T>(lp.wh) + s * N * G;
       gh.run<T>(0, h_prev + r0 * H, wh + r0 * G, m);
-      T* wx = data<T>(lp.wx) + (lp.inline_ih ? 0 : t - lp.wx_base) * N * G;
+      T* wx = data<T>(lp.wx) + (lp.inline_ih || lp.step_ih ? 0 : t - lp.wx_base) * N * G;
+      if (gi) gi->run<T>(0, data<T>(lp.x) + (lp.row(t) * N + r0) * lp.I, wx + r0 * G, m);
       T* act = data<T>(lp.gates) + (lstm ? s : 0) * N * G;  // (the RNN's: one step)
-      T* out = data<T>(lp.out) + t * N * H;
+      T* out = data<T>(lp.out) + lp.row(t) * N * H;
       T* cell = lstm ? data<T>(lp.cell) + s * N * H : nullptr;
       // c_{t-1}: without save the one-step cell itself (updated in place)
       const T* c_prev = !lstm        ? nullptr
@@ -119,11 +142,15 @@ void layer_forward_impl(const Loop& lp) {
         T* xi = wx + r * G;
         T* a = act + r * G;
         if (lp.inline_ih) project(lp, t, 1, 0, G, xi, r);  // W_ih x_t of the row
-        ln_row<T>(xh, G, T(lp.hh.eps), stat(lp.hh, t, r, false), stat(lp.hh, t, r, true));
-        ln_row<T>(xi, G, T(lp.ih.eps), stat(lp.ih, t, r, false), stat(lp.ih, t, r, true));
-        for (int64_t j = 0; j < G; ++j) a[j] = xi[j] * g_ih[j] + xh[j] * g_hh[j];
-        if (bias) {
-          for (int64_t j = 0; j < G; ++j) a[j] += bias[j];
+        const T rh = ln_moments<T>(xh, G, T(lp.hh.eps), stat(lp.hh, t, r, false),
+                                   stat(lp.hh, t, r, true));
+        const T ri = ln_moments<T>(xi, G, T(lp.ih.eps), stat(lp.ih, t, r, false),
+                                   stat(lp.ih, t, r, true));
+        const T mh = *stat(lp.hh, t, r, false), mi = *stat(lp.ih, t, r, false);
+        if (lp.save) {
+          ln_gates_row<T, true>(xi, xh, a, g_ih, g_hh, b, G, mi, ri, mh, rh);
+        } else {
+          ln_gates_row<T, false>(xi, xh, a, g_ih, g_hh, b, G, mi, ri, mh, rh);
         }
         T* h = out + r * H;
         if (lstm) {
@@ -133,9 +160,10 @@ void layer_forward_impl(const Loop& lp) {
           } else {
             lstm_cell_row<T, true>(H, H, a, nullptr, c);
           }
-          std::copy(c, c + H, tc);
-          ln_row<T>(tc, H, T(lp.c.eps), stat(lp.c, t, r, false), stat(lp.c, t, r, true));
-          for (int64_t j = 0; j < H; ++j) tc[j] = tc[j] * g_c[j] + b_c[j];
+          const T rc = ln_moments<T>(c, H, T(lp.c.eps), stat(lp.c, t, r, false),
+                                     stat(lp.c, t, r, true));
+          const T mc = *stat(lp.c, t, r, false);
+          for (int64_t j = 0; j < H; ++j) tc[j] = (c[j] - mc) * rc * g_c[j] + b_c[j];
           tanh_mul_row<T>(tc, h, a + 3 * H, H);
         } else if (lp.kind == RNN_TANH) {
           for (int64_t j = 0; j < H; ++j) h[j] = th<T>(a[j]);

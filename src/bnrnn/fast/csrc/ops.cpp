@@ -155,9 +155,10 @@ void forward_loop(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   TORCH_CHECK(!lp.reverse || (!lp.save && (lp.inline_ih || lp.step_ih)),
               "reversed time: steps without a backward, W_ih x_t computed in the step");
   TORCH_CHECK(!lp.layer || (lp.ih.on && lp.hh.on && lp.c.on == (lp.kind == LSTM) &&
-                            !lp.pre.on && !lp.step_ih && !lp.reverse &&
+                            !lp.pre.on && !(lp.save && (lp.step_ih || lp.reverse)) &&
                             !lp.recompute_act),
-              "layer normalisation: LN of W_ih x (given), W_hh h and (LSTM) c");
+              "layer normalisation: LN of W_ih x, W_hh h and (LSTM) c; W_ih x given, "
+              "and forward time, with a backward");
   AT_DISPATCH_FLOATING_TYPES(lp.out.scalar_type(), "bnrnn_fast::forward_loop", [&] {
     if (lp.layer) {
       layer_forward_impl<scalar_t>(lp);
