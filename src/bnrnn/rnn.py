@@ -292,7 +292,7 @@ class _BNRNNBase(nn.Module):
             # Every process must run the same steps (each step all-reduces its statistics):
             # pad to the longest batch of the group; the statistics count the whole group.
             T, group_sizes = _group_steps_and_sizes(
-                T_local, batch.batch_sizes, syncing[0].process_group
+                T_local, batch.batch_sizes, syncing[0].process_group, x.device
             )
             N_batch = group_sizes[0]
             if T_local < T:
@@ -347,16 +347,19 @@ class _BNRNNBase(nn.Module):
         return output, [batch.unsort_state(torch.stack(f)) for f in finals]
 
 
-def _group_steps_and_sizes(T: int, sizes: list[int], group: Any) -> tuple[int, list[int]]:
+def _group_steps_and_sizes(
+    T: int, sizes: list[int], group: Any, device: torch.device
+) -> tuple[int, list[int]]:
     """The longest number of steps over the group, and the number of sequences present
-    at each of those steps over the group (T,): two all-reduces."""
+    at each of those steps over the group (T,): two all-reduces (on the data's device:
+    NCCL reduces CUDA tensors only)."""
     import torch.distributed as dist
 
     group = group or dist.group.WORLD
-    t = torch.tensor([T])
+    t = torch.tensor([T], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     T = int(t)
-    counts = torch.tensor(sizes + [0] * (T - len(sizes)))
+    counts = torch.tensor(sizes + [0] * (T - len(sizes)), device=device)
     dist.all_reduce(counts, group=group)
     return T, counts.tolist()
 

@@ -95,7 +95,7 @@ def fast_direction(
     sync_group = _group(sync[0]).group_name if sync else None
     group_sizes = None
     if sync:
-        group_sizes = p.group_sizes or group_batch_sizes(batch_sizes, _group(sync[0]))
+        group_sizes = p.group_sizes or group_batch_sizes(batch_sizes, _group(sync[0]), x.device)
     # norm="layer" (Ba et al. §6.5): per-row statistics, no population statistics
     layer = any(isinstance(bn, StepLayerNorm) for bn in bns.values())
     if reverse:
@@ -142,10 +142,10 @@ def _group(bn: StepBatchNorm) -> Any:
     return bn.process_group or dist.group.WORLD
 
 
-def group_batch_sizes(batch_sizes: list[int], group: Any) -> list[int]:
+def group_batch_sizes(batch_sizes: list[int], group: Any, device: torch.device) -> list[int]:
     """The sequences present at each step over the process group (every process passes
-    the same number of steps): one all-reduce."""
-    sizes = torch.tensor(batch_sizes)
+    the same number of steps): one all-reduce, on the data's device."""
+    sizes = torch.tensor(batch_sizes, device=device)
     dist.all_reduce(sizes, group=group)
     return sizes.tolist()
 
