@@ -94,6 +94,21 @@ def _run(model, x, w, lengths, batches, form):
     }
 
 
+def _penalty_grads(impl, x, lengths):
+    """The parameter gradients of a gradient penalty (create_graph: the fast path replays
+    the direction through the reference loop, with all-reduced statistics), summed over
+    the processes."""
+    m = _model({"norm": "cooijmans", "bidirectional": True}, True, impl)
+    x = x.clone().requires_grad_()
+    out, _ = m(x, lengths=lengths)
+    (gx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    gx.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    for g in grads.values():
+        dist.all_reduce(g)
+    return grads
+
+
 def _worker(rank, init_file, out_dir, sync):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.set_num_threads(1)
@@ -110,6 +125,10 @@ def _worker(rank, init_file, out_dir, sync):
                 for g in r["grads"].values():
                     dist.all_reduce(g)  # the gradient of the summed loss: what DDP averages
                 results[k, impl] = r
+        if sync:
+            lengths = [LENGTHS[i] for i in rows]
+            for impl in IMPLS:
+                results["penalty", impl] = _penalty_grads(impl, x[: max(lengths), rows], lengths)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -155,6 +174,14 @@ def test_synchronised_statistics_equal_single_process(single, synced, impl):
                 torch.testing.assert_close(got["after_step"][name], v, msg=f"{what} {name}")
             for name, v in want["stats"].items():
                 torch.testing.assert_close(got["stats"][name], v, msg=f"{what} {name}")
+
+
+def test_synchronised_second_derivatives_fast_equal_reference(synced):
+    """A gradient penalty's parameter gradients, fast path against reference path."""
+    for rank in range(2):
+        fast, reference = synced[rank]["penalty", "fast"], synced[rank]["penalty", "reference"]
+        for name, g in reference.items():
+            torch.testing.assert_close(fast[name], g, msg=name)
 
 
 def test_unsynchronised_statistics_differ(single):
