@@ -22,7 +22,9 @@ SPLIT = [[0, 1], [2, 3, 4]]  # rank 0 runs 6 steps, rank 1 runs 5; step 5 has 1 
 # "padded": LENGTHS as a padded tensor with lengths (rank 1 has fewer steps than rank 0, and
 # at steps 3 to 5 rank 0 has one sequence: statistics over the group, degenerate only at
 # step 5); "packed": the same as a PackedSequence; "full": every sequence of length 6 (no
-# padding: the reverse direction walks time backwards).
+# padding: the reverse direction walks time backwards); "long": the first sequence of
+# length 40, alone from step 5 on (the backward's later chunks of 16 steps have no batch
+# statistics).
 CASES = [
     ({"norm": "cooijmans"}, "padded"),
     ({"norm": "cooijmans"}, "packed"),
@@ -34,6 +36,7 @@ CASES = [
     ({"norm": "preactivation"}, "padded"),
     ({"norm": "preactivation", "bidirectional": True, "num_layers": 2}, "full"),
     ({"norm": "cooijmans", "model": "rnn", "num_layers": 2}, "padded"),
+    ({"norm": "cooijmans", "bidirectional": True}, "long"),
 ]
 IMPLS = ("fast", "reference")
 
@@ -51,13 +54,15 @@ def _model(cfg, sync, impl="reference"):
 
 def _data():
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(6, 5, 3, dtype=torch.float64, generator=g)
-    w = torch.randn(6, 5, 1, dtype=torch.float64, generator=g)  # loss weights
-    batches = [torch.randn(6, 5, 3, dtype=torch.float64, generator=g) for _ in range(2)]
+    x = torch.randn(40, 5, 3, dtype=torch.float64, generator=g)
+    w = torch.randn(40, 5, 1, dtype=torch.float64, generator=g)  # loss weights
+    batches = [torch.randn(40, 5, 3, dtype=torch.float64, generator=g) for _ in range(2)]
     return x, w, batches
 
 
 def _lengths(form):
+    if form == "long":
+        return [40] + LENGTHS[1:]
     return [6] * len(LENGTHS) if form == "full" else LENGTHS
 
 
@@ -149,7 +154,13 @@ def _spawn(sync):
 @pytest.fixture(scope="module")
 def single():
     x, w, batches = _data()
-    return [_run(_model(cfg, False), x, w, _lengths(form), batches, form) for cfg, form in CASES]
+    results = []
+    for cfg, form in CASES:
+        lengths = _lengths(form)
+        T = max(lengths)
+        batches_T = [b[:T] for b in batches]
+        results.append(_run(_model(cfg, False), x[:T], w[:T], lengths, batches_T, form))
+    return results
 
 
 @pytest.fixture(scope="module")

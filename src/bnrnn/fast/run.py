@@ -450,7 +450,7 @@ def backward(
                 rows = (t1 - first) * N
                 hs = b.out[first - 1 : t1 - 1].reshape(rows, H)
                 add_weight_grad(dw_hh_t, hs, dwh.reshape(rows, G))
-        if pending is not None:
+        if plan.deferred_ih:
             _deferred_ih_backward(plan, p, b, g, t0, t1, pending)
         if not plan.inline_ih:  # (inline: accumulated inside the loop)
             dwx = g.d_wx[:k].view(k * N, G)
@@ -514,8 +514,8 @@ def _deferred_ih_backward(
     plan: Plan, p: Params, b: Buffers, g: GradBuffers, t0: int, t1: int, pending: Any
 ) -> None:
     """Second half: make d_wx dL/d(W_ih x) of steps [t0, t1), through the group's batch
-    statistics (the all-reduced sums) where the step has them, else through the
-    population row."""
+    statistics (``pending``: the all-reduce of their sums) where the step has them, else
+    through the population row."""
     k = t1 - t0
     kb = max(0, min(t1, plan.ih.batch_steps) - t0)
     dy, xhat = g.d_wx[:k], b.wx[:k]
