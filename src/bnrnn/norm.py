@@ -134,18 +134,8 @@ class StepBatchNorm(nn.Module):
     def _synced_moments(
         self, sums: Tensor, squares: Tensor, counts: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """All-reduce per-row sums (K, F), sums of squares (K, F) and counts (K,) over the
-        process group in one differentiable call; return the global mean, biased variance
-        and count. Gradients flow back through the reduction to every process's rows."""
-        F = sums.shape[1]
-        packed = torch.cat([sums, squares, counts[:, None].to(sums.dtype)], 1)
-        packed = _AllReduceSum.apply(packed, self.process_group or dist.group.WORLD)
-        total, total_sq, n = packed.split([F, F, 1], 1)
-        n = n.squeeze(1)
-        denom = n.clamp(min=1)[:, None]
-        mean = total / denom
-        var = (total_sq / denom - mean.square()).clamp(min=0)
-        return mean, var, n.detach().round().long()
+        """`synced_moments` over the module's process group (default: the world)."""
+        return synced_moments(sums, squares, counts, self.process_group or dist.group.WORLD)
 
     # -- normalisation ------------------------------------------------------------------
 
@@ -306,6 +296,24 @@ def sequence_moments(z: Tensor, batch_sizes: Sequence[int]) -> tuple[Tensor, Ten
     mean = torch.where(mask, z, 0).sum((0, 1)) / n
     var = torch.where(mask, z - mean, 0).square().sum((0, 1)) / n
     return mean, var
+
+
+def synced_moments(
+    sums: Tensor, squares: Tensor, counts: Tensor, group: object
+) -> tuple[Tensor, Tensor, Tensor]:
+    """All-reduce per-row sums (K, F), sums of squares (K, F) and counts (K,) over the
+    process group ``group`` in one differentiable call; return the global mean, biased
+    variance and count. Gradients flow back through the reduction to every process's rows
+    (design.md, Synchronised statistics)."""
+    F = sums.shape[1]
+    packed = torch.cat([sums, squares, counts[:, None].to(sums.dtype)], 1)
+    packed = _AllReduceSum.apply(packed, group)
+    total, total_sq, n = packed.split([F, F, 1], 1)
+    n = n.squeeze(1)
+    denom = n.clamp(min=1)[:, None]
+    mean = total / denom
+    var = (total_sq / denom - mean.square()).clamp(min=0)
+    return mean, var, n.detach().round().long()
 
 
 def folded_statistics(

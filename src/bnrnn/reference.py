@@ -40,6 +40,9 @@ class DirectionParams:
     bn_pre: Norm | None = None
     bn_c: Norm | None = None
     input_stats: str = "frame"
+    # synchronised statistics: the sequences present at each step over the process group
+    # (T,), agreed by the layer once per forward (the fast path reads it; None: not known)
+    group_sizes: list[int] | None = None
 
     def step_norms(self, t: int) -> StepNorms:
         """The normalisations of step ``t`` (absolute index, offset included)."""

@@ -287,10 +287,14 @@ class _BNRNNBase(nn.Module):
         uses_batch = self.training or self._collecting()
         T_local, N_batch = x.shape[0], x.shape[1]
         syncing = [m for m in self.norm_modules() if m.syncing]
+        group_sizes = None
         if syncing:
             # Every process must run the same steps (each step all-reduces its statistics):
             # pad to the longest batch of the group; the statistics count the whole group.
-            T, N_batch = _group_steps_and_batch(T_local, N_batch, syncing[0].process_group)
+            T, group_sizes = _group_steps_and_sizes(
+                T_local, batch.batch_sizes, syncing[0].process_group, x.device
+            )
+            N_batch = group_sizes[0]
             if T_local < T:
                 x = torch.cat([x, x.new_zeros(T - T_local, *x.shape[1:])])
                 batch.x, batch.batch_sizes = x, batch.batch_sizes + [0] * (T - T_local)
@@ -312,6 +316,7 @@ class _BNRNNBase(nn.Module):
                 index = layer * D + d
                 state: State = tuple(s[index] for s in init)
                 params = self._direction(index)
+                params.group_sizes = group_sizes
                 run = reference_direction
                 if self.impl != "reference":
                     from . import fast  # the fast path; the reference is its test oracle
@@ -320,8 +325,9 @@ class _BNRNNBase(nn.Module):
                         run = fast.fast_direction
                     elif self.impl == "fast":
                         raise ValueError(
-                            "impl='fast' does not support this configuration (synchronised "
-                            "statistics or a custom step); use impl='auto' or 'reference'"
+                            "impl='fast' does not support this configuration (a custom step, "
+                            "or statistics synchronised over different process groups); use "
+                            "impl='auto' or 'reference'"
                         )
                 args = (batch.batch_sizes, state, params, step, time_offset)
                 if d == 1 and run is not reference_direction and full:
@@ -341,16 +347,21 @@ class _BNRNNBase(nn.Module):
         return output, [batch.unsort_state(torch.stack(f)) for f in finals]
 
 
-def _group_steps_and_batch(T: int, N: int, group: Any) -> tuple[int, int]:
-    """The longest number of steps and the total number of sequences over the group."""
+def _group_steps_and_sizes(
+    T: int, sizes: list[int], group: Any, device: torch.device
+) -> tuple[int, list[int]]:
+    """The longest number of steps over the group, and the number of sequences present
+    at each of those steps over the group (T,): two all-reduces (on the data's device:
+    NCCL reduces CUDA tensors only)."""
     import torch.distributed as dist
 
     group = group or dist.group.WORLD
-    t = torch.tensor([T])
-    n = torch.tensor([N])
+    t = torch.tensor([T], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    dist.all_reduce(n, group=group)
-    return int(t), int(n)
+    T = int(t)
+    counts = torch.tensor(sizes + [0] * (T - len(sizes)), device=device)
+    dist.all_reduce(counts, group=group)
+    return T, counts.tolist()
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
@@ -360,8 +371,9 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.M
     In training (and in `update_population_stats`) each step's sums, sums of squares and
     counts of present sequences are all-reduced, so that normalisation, gradients and
     population statistics equal those of one process on the concatenated batch. Layers
-    with synchronised statistics use the reference path. Returns ``module``, changed in
-    place.
+    with synchronised statistics run on the fast path (its PyTorch loops, which issue the
+    all-reduces; design.md, Synchronised statistics) unless ``impl="reference"``. Returns
+    ``module``, changed in place.
     """
     for m in module.modules():
         if isinstance(m, StepBatchNorm):

@@ -14,6 +14,7 @@ import functools
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from ..functional import State, lstm_step, rnn_step
@@ -41,13 +42,15 @@ def _kind(step: Any) -> str | None:
 def supports(x: Tensor, batch_sizes: list[int], p: DirectionParams, step: Any) -> bool:
     """Whether `fast_direction` computes this case (else use the reference)."""
     kind = _kind(step)
-    if kind is None or not x.is_floating_point() or min(batch_sizes) < 1:
-        return False
     bns = [bn for bn in (p.bn_ih, p.bn_hh, p.bn_pre, p.bn_c) if bn is not None]
+    syncing = [bn.syncing for bn in bns]
+    if any(syncing) and not (all(syncing) and len({_group(bn) for bn in bns}) == 1):
+        return False  # some BNs synchronised and others not, or over different groups
+    # (synchronised: steps where this process has no sequence left take part all the same)
+    if kind is None or not x.is_floating_point() or min(batch_sizes) < (0 if any(syncing) else 1):
+        return False
     layer = [isinstance(bn, StepLayerNorm) for bn in bns]
     if any(layer) and not (all(layer) and p.bn_pre is None):  # LN: norm="layer" only
-        return False
-    if any(bn.syncing for bn in bns):  # all-reduced statistics: the reference path
         return False
     if p.bn_pre is not None and (p.bn_ih is not None or p.bn_hh is not None):
         return False
@@ -86,14 +89,22 @@ def fast_direction(
         t is not None and t.requires_grad for t in (*differentiable, *gammas, beta_c)
     )
     sequence_ih = p.bn_ih is not None and p.input_stats == "sequence"
+    # synchronised statistics (design.md, Synchronised statistics): the group by its name
+    # (an operator option) and the sequences present at each step over it
+    sync = [bn for bn in bns.values() if bn is not None and bn.syncing]
+    sync_group = _group(sync[0]).group_name if sync else None
+    group_sizes = None
+    if sync:
+        group_sizes = p.group_sizes or group_batch_sizes(batch_sizes, _group(sync[0]), x.device)
     # norm="layer" (Ba et al. §6.5): per-row statistics, no population statistics
     layer = any(isinstance(bn, StepLayerNorm) for bn in bns.values())
     if reverse:
         if not unpadded(batch_sizes, x.shape[1]):
             raise ValueError("reverse=True needs a batch with no padding")
         # The compiled loops walk x and the output backwards themselves without a backward
-        # (saves the two flips); otherwise flip.
-        if needs_grad or sequence_ih or not uses_compiled(x):
+        # (saves the two flips); otherwise flip. (The Python loops run synchronised
+        # statistics.)
+        if needs_grad or sequence_ih or sync or not uses_compiled(x):
             out, state = fast_direction(x.flip(0), batch_sizes, state, p, step, time_offset)
             return out.flip(0), state
     stats: dict[str, Any] = {}
@@ -118,10 +129,25 @@ def fast_direction(
         reverse=reverse,
         **stats,
         layer=layer,
+        sync_group=sync_group,
+        group_sizes=None if group_sizes is None else list(group_sizes),
     )
     out, h_n, c_n, rows = direction(args)
     _write_tracked(args, bns, rows)
     return out, ((h_n, c_n) if kind == LSTM else (h_n,))
+
+
+def _group(bn: StepBatchNorm) -> Any:
+    """The process group a synchronised BN reduces over (default: the world)."""
+    return bn.process_group or dist.group.WORLD
+
+
+def group_batch_sizes(batch_sizes: list[int], group: Any, device: torch.device) -> list[int]:
+    """The sequences present at each step over the process group (every process passes
+    the same number of steps): one all-reduce, on the data's device."""
+    sizes = torch.tensor(batch_sizes, device=device)
+    dist.all_reduce(sizes, group=group)
+    return sizes.tolist()
 
 
 @torch.no_grad()
@@ -138,6 +164,6 @@ def _write_tracked(
             bn.running_var[start : start + k].copy_(var)
             bn.num_batches_tracked[start : start + k].copy_(count)
         sequence = key == "ih" and args.sequence_ih
-        last = args.time_offset + batch_steps(args.batch_sizes, True, sequence) - 1
+        last = args.time_offset + batch_steps(args.stat_sizes, True, sequence) - 1
         if not sequence and last >= bn.max_length:
             bn._warn_beyond(max(bn.max_length, args.time_offset))

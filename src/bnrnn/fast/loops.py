@@ -12,6 +12,12 @@ A BN's statistics for a step are a mean row ``mean[t]`` and a biased-variance ro
 stores them, otherwise the caller has filled them with the population row. A layer
 normalisation (``NormPlan.layer``, Ba et al. §6.5) has a mean and a variance per row
 instead, ``mean[t, r]``, over the row's features, computed at every step.
+
+With synchronised statistics (``plan.sync``) a step's statistics and its BN backward's
+means are over the sequences present on every process of the group: each is one
+all-reduce of one flat buffer (`bnrnn.fast.sync`), issued here for the terms that feed the
+recurrence (W_hh h, the pre-activation, the cell); the input term's are issued by the
+caller for many steps at once (``plan.deferred_ih``).
 """
 
 from __future__ import annotations
@@ -33,7 +39,10 @@ def _normalise(plan: Plan, b: Buffers, key: str, z: Tensor, t: int) -> Tensor:
         var.copy_(z.var(1, unbiased=False))
         return (z - mean[:, None]) * torch.rsqrt(var[:, None] + nm.eps)
     row = 0 if nm.sequence else t
-    if nm.batch_at(t):
+    if plan.sync is not None and nm.batch_at(t):
+        if not (key == "ih" and plan.deferred_ih):  # (else reduced before the loop)
+            stats.mean[row], stats.var[row] = plan.sync.step_moments(z, t)
+    elif nm.batch_at(t):
         stats.mean[row] = z.mean(0)
         stats.var[row] = z.var(0, unbiased=False)
     return (z - stats.mean[row]) * torch.rsqrt(stats.var[row] + nm.eps)
@@ -91,7 +100,8 @@ def _bn_backward(
     """Gradient of z for y = gamma * xhat(z) over step t's present rows; accumulates the
     gradient of gamma. With batch statistics the mean and variance depend on z."""
     nm = plan.norm(key)
-    g.sums.gamma[key] += (dy * xhat).sum(0)
+    dy_xhat = (dy * xhat).sum(0)
+    g.sums.gamma[key] += dy_xhat
     if nm.layer:  # through the row's own mean and variance: the means are over features
         n = dy.shape[0]
         rstd = torch.rsqrt(b.stats[key].var[t, :n, None] + nm.eps)
@@ -103,9 +113,13 @@ def _bn_backward(
         return dy
     rstd = torch.rsqrt(b.stats[key].var[t] + nm.eps)
     if nm.batch_at(t):
-        n = dy.shape[0]
-        mean_dy = dy.sum(0) / n
-        mean_dy_xhat = (dy * xhat).sum(0) / n
+        if plan.sync is None:
+            n, sum_dy = dy.shape[0], dy.sum(0)
+        else:  # over the group: one all-reduce of both sums (2F,)
+            n = plan.sync.sizes[t]
+            sum_dy, dy_xhat = plan.sync.sum(dy.sum(0), dy_xhat)
+        mean_dy = sum_dy / n
+        mean_dy_xhat = dy_xhat / n
         return (dy - mean_dy - xhat * mean_dy_xhat) * (p.gamma[key] * rstd)
     return dy * (p.gamma[key] * rstd)
 
@@ -154,7 +168,9 @@ def backward_loop(plan: Plan, p: Params, b: Buffers, g: GradBuffers, t0: int, t1
         if plan.pre:
             dwx = dwh = _bn_backward(plan, p, b, g, "pre", da, b.wx[t - t0, :n], t)
         else:
-            dwx = _bn_backward(plan, p, b, g, "ih", da, b.wx[t - t0, :n], t) if plan.ih else da
+            dwx = da  # (plan.deferred_ih: dL/dy of BN(W_ih x), made dL/d(W_ih x) by the caller)
+            if plan.ih and not plan.deferred_ih:
+                dwx = _bn_backward(plan, p, b, g, "ih", da, b.wx[t - t0, :n], t)
             dwh = _bn_backward(plan, p, b, g, "hh", da, b.wh[t, :n], t) if plan.hh else da
         k = t - t0
         g.d_wx[k, :n] = dwx

@@ -38,6 +38,7 @@ from .compiled import uses_compiled
 from .plan import NORM_KEYS, Plan, batch_steps, make_plan, tracked_rows
 from .replay import replay
 from .run import Inputs, Population
+from .sync import Sync
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,9 @@ class DirectionArgs(_Differentiable):
     20-21); save: a backward follows (keep what it reads); reverse: run x in reversed time
     (a batch with no padding, without save); layer: the norms present are layer
     normalisations (norm="layer", Ba et al. §6.5: statistics per row, no population
-    statistics, whose arguments are then None)."""
+    statistics, whose arguments are then None); sync_group: synchronised statistics over
+    the process group of this name (design.md, Synchronised statistics), group_sizes (T,)
+    the sequences present at each step over the group (None: not synchronised)."""
 
     running_mean_ih: Tensor | None
     running_var_ih: Tensor | None
@@ -111,10 +114,17 @@ class DirectionArgs(_Differentiable):
     batch_stats_pre: bool
     batch_stats_c: bool
     layer: bool = False
+    sync_group: str | None = None
+    group_sizes: list[int] | None = None
 
     @cached_property
     def plan(self) -> Plan:
         return _plan(self, self.save, self.reverse)
+
+    @property
+    def stat_sizes(self) -> list[int]:
+        """(T,) the sequences each step's statistics are over (`Plan.stat_sizes`)."""
+        return self.batch_sizes if self.group_sizes is None else self.group_sizes
 
     def inputs(self) -> Inputs:
         return _inputs(self)
@@ -148,7 +158,7 @@ class DirectionArgs(_Differentiable):
         for key in NORM_KEYS:
             mean = getattr(self, f"running_mean_{key}")
             sequence = key == "ih" and self.sequence_ih
-            steps = batch_steps(self.batch_sizes, getattr(self, f"batch_stats_{key}"), sequence)
+            steps = batch_steps(self.stat_sizes, getattr(self, f"batch_stats_{key}"), sequence)
             if mean is None or steps == 0:
                 continue
             out[key] = (0, 1) if sequence else tracked_rows(steps, self.time_offset, mean.shape[0])
@@ -187,6 +197,8 @@ class BackwardArgs(_Differentiable):
     need_w_ih: bool
     need_w_hh: bool
     layer: bool = False
+    sync_group: str | None = None
+    group_sizes: list[int] | None = None
 
     @cached_property
     def plan(self) -> Plan:
@@ -211,6 +223,7 @@ def _plan(a: DirectionArgs | BackwardArgs, save: bool, reverse: bool) -> Plan:
         compiled=uses_compiled(a.x),
         reverse=reverse,
         layer=a.layer,
+        sync=Sync.of(a.sync_group, a.group_sizes),
     )
 
 

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .sync import Sync
 
 # The kinds of recurrence (the compiled loops' ``kind``).
 LSTM, RNN_TANH, RNN_RELU = "lstm", "rnn_tanh", "rnn_relu"
@@ -82,6 +86,23 @@ class Plan:
     # compiled loops only, LSTM with BN of both W_ih x and W_hh h, or of the pre-activation:
     # the gate activations are one step, and the backward recomputes them
     recompute_act: bool
+    # synchronised statistics (design.md, Synchronised statistics): the process group and
+    # the sequences present at each step over it; the Python loops run the call
+    sync: Sync | None = None
+
+    @property
+    def stat_sizes(self) -> tuple[int, ...]:
+        """(T,) the sequences each step's statistics are over: this process's, or the
+        whole group's when synchronised. They decide which steps have batch statistics."""
+        return self.sizes if self.sync is None else self.sync.sizes
+
+    @property
+    def deferred_ih(self) -> bool:
+        """Synchronised frame-wise BN of W_ih x: its statistics for all steps are reduced
+        in one all-reduce before the loop, and its backward (the sums of dy and dy * xhat)
+        for a chunk of steps in one after the chunk's loop; the loops leave it alone (it
+        does not feed the recurrence)."""
+        return self.sync is not None and self.ih is not None and not self.ih.sequence
 
     @property
     def T(self) -> int:
@@ -109,6 +130,7 @@ class Plan:
         time (one GEMM per chunk), not all steps at once."""
         return (
             not self.save
+            and self.sync is None
             and not (self.inline_ih or self.step_ih or self.sequence_ih)
             and self.T > EVAL_CHUNK
         )
@@ -166,13 +188,17 @@ def make_plan(
     compiled: bool,
     reverse: bool,
     layer: bool = False,
+    sync: Sync | None = None,
 ) -> Plan:
     """The plan of one call over x of ``shape`` (T, N, I). ``norms``: for each BN present,
     (eps, whether it uses batch statistics: training, or collecting population
     statistics). ``layer``: the norms are layer normalisations (norm="layer"; the
     compiled loops run them in csrc/layer.h, with W_ih x given for all steps or computed in
-    the step for a small input, and the gate activations kept)."""
+    the step for a small input, and the gate activations kept). ``sync``: synchronised
+    statistics, over the group's sequences present at each step (the Python loops)."""
     T, N, I = shape
+    compiled = compiled and sync is None  # the compiled loops issue no collectives
+    stat_sizes = sizes if sync is None else sync.sizes
 
     def norm(key: str) -> NormPlan | None:
         if key not in norms:
@@ -181,7 +207,7 @@ def make_plan(
         if layer:
             return NormPlan(eps, 0, layer=True)
         sequence = key == "ih" and sequence_ih
-        return NormPlan(eps, batch_steps(sizes, batch, sequence), sequence)
+        return NormPlan(eps, batch_steps(stat_sizes, batch, sequence), sequence)
 
     ih, hh, pre, c = (norm(key) for key in NORM_KEYS)
     lstm = kind == LSTM
@@ -225,4 +251,5 @@ def make_plan(
         step_ih=step_ih,
         reverse=reverse,
         recompute_act=recompute_act,
+        sync=sync,
     )

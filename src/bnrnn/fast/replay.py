@@ -7,7 +7,9 @@ plain reference loop (`bnrnn.reference.reference_direction`) from the saved inpu
 the statistics the forward used: batch statistics recomputed from the batch (so that they
 are differentiated) at the steps where the forward computed them, the forward's
 population rows elsewhere; nothing is tracked. Differentiating the replay with
-``create_graph=True`` gives the gradients and their graph.
+``create_graph=True`` gives the gradients and their graph. With synchronised statistics
+the batch statistics are all-reduced differentiably, step by step, as the reference path
+does (`bnrnn.norm.synced_moments`).
 """
 
 from __future__ import annotations
@@ -18,19 +20,36 @@ import torch
 from torch import Tensor
 
 from ..functional import lstm_step, rnn_step
-from ..norm import sequence_moments
+from ..norm import sequence_moments, synced_moments
+from ..packing import present
 from ..reference import DirectionParams, reference_direction
 from .buffers import NormStats
 from .plan import LSTM, RNN_TANH, NormPlan, Plan
 from .run import Inputs
+from .sync import Sync
 
 
 class _ReplayNorm:
     """One BN of the replay with `StepBatchNorm`'s normalising interface (``step``,
     ``sequence``) over the steps of this call (t from 0)."""
 
-    def __init__(self, nm: NormPlan, stats: NormStats, gamma: Tensor, beta: Tensor | None) -> None:
+    def __init__(
+        self,
+        nm: NormPlan,
+        stats: NormStats,
+        gamma: Tensor,
+        beta: Tensor | None,
+        sync: Sync | None = None,
+    ) -> None:
         self.nm, self.stats, self.weight, self.bias = nm, stats, gamma, beta
+        self.sync = sync
+
+    def _synced(self, sums: Tensor, squares: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        """The mean and variance (F,) over the group from this process's sums (F,) of n
+        values."""
+        count = sums.new_tensor([n])
+        mean, var, _ = synced_moments(sums[None], squares[None], count, self.sync.group)
+        return mean[0], var[0]
 
     def _scale(self, z_hat: Tensor) -> Tensor:
         out = z_hat * self.weight
@@ -39,6 +58,8 @@ class _ReplayNorm:
     def step(self, z: Tensor, t: int) -> Tensor:
         if self.nm.layer:  # each row over its features (Ba et al.)
             mean, var = z.mean(1, keepdim=True), z.var(1, unbiased=False, keepdim=True)
+        elif self.nm.batch_at(t) and self.sync is not None:
+            mean, var = self._synced(z.sum(0), z.square().sum(0), z.shape[0])
         elif self.nm.batch_at(t):
             mean, var = z.mean(0), z.var(0, unbiased=False)
         else:
@@ -46,7 +67,12 @@ class _ReplayNorm:
         return self._scale((z - mean) * torch.rsqrt(var + self.nm.eps))
 
     def sequence(self, z: Tensor, batch_sizes: list[int]) -> Tensor:
-        if self.nm.batch_steps > 0:
+        if self.nm.batch_steps > 0 and self.sync is not None:
+            frames = torch.where(present(batch_sizes, z.shape[1], z.device)[..., None], z, 0)
+            mean, var = self._synced(
+                frames.sum((0, 1)), frames.square().sum((0, 1)), sum(batch_sizes)
+            )
+        elif self.nm.batch_steps > 0:
             mean, var = sequence_moments(z, batch_sizes)
         else:
             mean, var = self.stats.mean[0], self.stats.var[0]
@@ -61,7 +87,7 @@ def replay(
     norms = {}
     for key, nm in plan.norms():
         beta = inputs.beta_c if key == "c" else None
-        norms[f"bn_{key}"] = _ReplayNorm(nm, stats[key], inputs.gamma[key], beta)
+        norms[f"bn_{key}"] = _ReplayNorm(nm, stats[key], inputs.gamma[key], beta, plan.sync)
     params = DirectionParams(
         inputs.w_ih,
         inputs.w_hh,

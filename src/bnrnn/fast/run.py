@@ -13,6 +13,13 @@ statistics around the loops, and the GEMMs outside them.
   the gradient of h_{t-1}, the BN backward through the batch statistics of each step, with
   ``tanh(BN(c_t))`` and the normalised W_ih x recomputed rather than kept), then the
   weight gradients of the chunk as one large GEMM each.
+
+With synchronised statistics (``plan.sync``, design.md, Synchronised statistics) the
+statistics are over the sequences of every process of the group: the loops all-reduce the
+terms that feed the recurrence step by step (`bnrnn.fast.loops`); here the input term's
+statistics of all steps are all-reduced in one call before the loops, and its backward
+once per chunk of steps after them (`Plan.deferred_ih`), overlapped with the chunk's
+gradient of W_hh.
 """
 
 from __future__ import annotations
@@ -179,9 +186,13 @@ def forward(
     tracked: dict[str, Tracked] = {}
     if plan.sequence_ih:
         tracked.update(_sequence_stats(plan, wx, b.stats["ih"], populations["ih"]))
+    if plan.deferred_ih and plan.ih.batch_steps:  # every step's statistics: one all-reduce
+        k = plan.ih.batch_steps
+        stats = b.stats["ih"]
+        stats.mean[:k], stats.var[:k] = plan.sync.steps_moments(wx, plan.sizes, k)
     # Steps with batch statistics come first (batch sizes decrease); the population rows
     # of the later steps are read after tracking them, as the step-by-step reference does.
-    split = plans.steps_of_two(plan.sizes)
+    split = plans.steps_of_two(plan.stat_sizes)
     frame_keys = [
         key for key, nm in plan.norms() if not (nm.sequence or nm.layer) and key not in in_place
     ]
@@ -285,7 +296,7 @@ def _track(
     if nm.batch_steps == 0:
         return {}
     start, k = plans.tracked_rows(nm.batch_steps, time_offset, pop.max_length)
-    n = torch.tensor(plan.sizes[:k], dtype=stats.var.dtype, device=stats.var.device)
+    n = torch.tensor(plan.stat_sizes[:k], dtype=stats.var.dtype, device=stats.var.device)
     rows = slice(start, start + k)
     mean, var, count = folded_statistics(
         pop.mean[rows],
@@ -307,9 +318,12 @@ def _sequence_stats(
     if plan.ih.batch_steps == 0:
         stats.mean[0], stats.var[0] = pop.mean[0], pop.var[0]
         return {}
-    mean, var = sequence_moments(wx, plan.sizes)
+    if plan.sync is None:
+        mean, var = sequence_moments(wx, plan.sizes)
+    else:  # over the group's frames: one all-reduce
+        mean, var = plan.sync.sequence_moments(wx, plan.sizes)
     stats.mean[0], stats.var[0] = mean, var
-    n = torch.tensor([sum(plan.sizes)], dtype=var.dtype, device=var.device)
+    n = torch.tensor([sum(plan.stat_sizes)], dtype=var.dtype, device=var.device)
     m, v, c = folded_statistics(
         pop.mean[:1], pop.var[:1], pop.count[:1], mean[None], var[None], n, pop.momentum
     )
@@ -378,7 +392,8 @@ def backward(
     # The backward runs in chunks of K steps: the gradients of W_ih x and W_hh h of a
     # chunk go into the weight gradients as one GEMM each, so only K steps of them are
     # held. Sequence-wise statistics need all steps first (one chunk).
-    chunks = CHUNKS if unpadded(plan.sizes, N) else CHUNKS_RAGGED
+    # (synchronised: the group's sizes, so that every process runs the same chunks)
+    chunks = CHUNKS if unpadded(plan.stat_sizes, plan.stat_sizes[0]) else CHUNKS_RAGGED
     K = T if plan.sequence_ih else min(T, max(MIN_CHUNK, -(-T // chunks)))
     # (one step when the inline projection needs it for nothing else: its dW_ih is
     # accumulated inside the loop, dx is one GEMM over the chunk)
@@ -424,21 +439,25 @@ def backward(
         run.backward_loop(plan, p, b, g, t0, t1)
         if plan.sequence_ih:  # Laurent eq. 20-21: the statistic of all frames, backward
             _sequence_backward(plan, b, g, inputs.gamma["ih"])
+        pending = _deferred_ih_sums(plan, b, g, t0, t1) if plan.deferred_ih else None
+        if dw_hh_t is not None:  # h_{t-1} is h0 at t = 0, else the previous output
+            dwh = (g.d_wx if g.d_wh is None else g.d_wh)[:k]
+            first = t0
+            if first == 0:
+                add_weight_grad(dw_hh_t, p.h0, dwh[0])
+                dwh, first = dwh[1:], 1
+            if t1 > first:
+                rows = (t1 - first) * N
+                hs = b.out[first - 1 : t1 - 1].reshape(rows, H)
+                add_weight_grad(dw_hh_t, hs, dwh.reshape(rows, G))
+        if plan.deferred_ih:
+            _deferred_ih_backward(plan, p, b, g, t0, t1, pending)
         if not plan.inline_ih:  # (inline: accumulated inside the loop)
             dwx = g.d_wx[:k].view(k * N, G)
             if dx is not None:
                 dx[t0:t1].view(k * N, I).copy_(linear(dwx, w_ih.t()))
             if dw_ih_t is not None:
                 add_weight_grad(dw_ih_t, x[t0:t1].reshape(k * N, I), dwx)
-        if dw_hh_t is not None:  # h_{t-1} is h0 at t = 0, else the previous output
-            dwh = (g.d_wx if g.d_wh is None else g.d_wh)[:k]
-            if t0 == 0:
-                add_weight_grad(dw_hh_t, p.h0, dwh[0])
-                dwh, t0 = dwh[1:], 1
-            if t1 > t0:
-                rows = (t1 - t0) * N
-                hs = b.out[t0 - 1 : t1 - 1].reshape(rows, H)
-                add_weight_grad(dw_hh_t, hs, dwh.reshape(rows, G))
     grads: dict[str, Tensor | None] = {
         "x": g.d_x if plan.inline_ih else dx,
         "h0": g.d_h,
@@ -459,12 +478,53 @@ def _sequence_backward(plan: Plan, b: Buffers, g: GradBuffers, gamma: Tensor) ->
     """Laurent eq. 20-21 backward: d_wx holds dL/dy of y = gamma * xhat for all steps;
     make it dL/d(W_ih x) through the one mean and variance over all unpadded frames."""
     T = plan.T
-    total = sum(plan.sizes)
+    total = sum(plan.stat_sizes)
     mask = present(plan.sizes, plan.N, g.d_wx.device).unsqueeze(-1)
     rstd = torch.rsqrt(b.stats["ih"].var[0] + plan.ih.eps)
     dy = g.d_wx[:T]
     if plan.ih.batch_steps > 0:
-        corr = dy - g.sums.bias / total - b.wx * (g.sums.gamma["ih"] / total)
+        # the sums of dy and dy * xhat over all frames are the bias's and gamma's gradients
+        sum_dy, sum_dy_xhat = g.sums.bias, g.sums.gamma["ih"]
+        if plan.sync is not None:  # over the group's frames: one all-reduce
+            sum_dy, sum_dy_xhat = plan.sync.sum(sum_dy, sum_dy_xhat)
+        corr = dy - sum_dy / total - b.wx * (sum_dy_xhat / total)
         dy.copy_(torch.where(mask, corr * (gamma * rstd), 0))
     else:
         dy.mul_(gamma * rstd)
+
+
+def _deferred_ih_sums(plan: Plan, b: Buffers, g: GradBuffers, t0: int, t1: int) -> Any:
+    """The synchronised backward of BN(W_ih x) over steps [t0, t1), first half
+    (`Plan.deferred_ih`): d_wx holds dL/dy of y = gamma * xhat at t - t0 (zero beyond each
+    length), b.wx xhat; accumulate gamma's gradient and start the all-reduce of the sums
+    of dy and dy * xhat of the steps with batch statistics, (k, 2G) in one buffer. Returns
+    it in flight (None: no such step)."""
+    k = t1 - t0
+    dy, xhat = g.d_wx[:k], b.wx[:k]
+    mask = present(plan.sizes[t0:t1], plan.N, dy.device)[..., None]  # (k, N, 1)
+    dy_xhat = torch.where(mask, dy * xhat, 0).sum(1)  # (k, G)
+    g.sums.gamma["ih"] += dy_xhat.sum(0)
+    kb = max(0, min(t1, plan.ih.batch_steps) - t0)  # the chunk's steps with batch statistics
+    if kb == 0:
+        return None
+    return plan.sync.sum(dy[:kb].sum(1), dy_xhat[:kb], async_op=True)
+
+
+def _deferred_ih_backward(
+    plan: Plan, p: Params, b: Buffers, g: GradBuffers, t0: int, t1: int, pending: Any
+) -> None:
+    """Second half: make d_wx dL/d(W_ih x) of steps [t0, t1), through the group's batch
+    statistics (``pending``: the all-reduce of their sums) where the step has them, else
+    through the population row."""
+    k = t1 - t0
+    kb = max(0, min(t1, plan.ih.batch_steps) - t0)
+    dy, xhat = g.d_wx[:k], b.wx[:k]
+    rstd = torch.rsqrt(b.stats["ih"].var[t0:t1, None] + plan.ih.eps)  # (k, 1, G)
+    if kb:
+        sum_dy, sum_dy_xhat = pending.wait()  # (kb, G)
+        n = torch.tensor(plan.sync.sizes[t0 : t0 + kb], dtype=dy.dtype, device=dy.device)
+        n = n[:, None, None]
+        mask = present(plan.sizes[t0 : t0 + kb], plan.N, dy.device)[..., None]
+        corr = dy[:kb] - sum_dy[:, None] / n - xhat[:kb] * (sum_dy_xhat[:, None] / n)
+        dy[:kb] = torch.where(mask, corr, 0)
+    dy.mul_(p.gamma["ih"] * rstd)
