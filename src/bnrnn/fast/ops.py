@@ -77,7 +77,8 @@ class DirectionArgs(_Differentiable):
     20-21); save: a backward follows (keep what it reads); reverse: run x in reversed time
     (a batch with no padding, without save); layer: the norms present are layer
     normalisations (norm="layer", Ba et al. §6.5: statistics per row, no population
-    statistics, whose arguments are then None)."""
+    statistics, whose arguments are then None); active: see `bnrnn.fast.plan.Plan.active`
+    (a padded batch read flipped in time, Cooijmans §5.4), None otherwise."""
 
     running_mean_ih: Tensor | None
     running_var_ih: Tensor | None
@@ -111,6 +112,7 @@ class DirectionArgs(_Differentiable):
     batch_stats_pre: bool
     batch_stats_c: bool
     layer: bool = False
+    active: list[int] | None = None
 
     @cached_property
     def plan(self) -> Plan:
@@ -148,7 +150,8 @@ class DirectionArgs(_Differentiable):
         for key in NORM_KEYS:
             mean = getattr(self, f"running_mean_{key}")
             sequence = key == "ih" and self.sequence_ih
-            steps = batch_steps(self.batch_sizes, getattr(self, f"batch_stats_{key}"), sequence)
+            sizes = self.active if (sequence and self.active is not None) else self.batch_sizes
+            steps = batch_steps(sizes, getattr(self, f"batch_stats_{key}"), sequence)
             if mean is None or steps == 0:
                 continue
             out[key] = (0, 1) if sequence else tracked_rows(steps, self.time_offset, mean.shape[0])
@@ -187,6 +190,7 @@ class BackwardArgs(_Differentiable):
     need_w_ih: bool
     need_w_hh: bool
     layer: bool = False
+    active: list[int] | None = None
 
     @cached_property
     def plan(self) -> Plan:
@@ -211,6 +215,7 @@ def _plan(a: DirectionArgs | BackwardArgs, save: bool, reverse: bool) -> Plan:
         compiled=uses_compiled(a.x),
         reverse=reverse,
         layer=a.layer,
+        active=None if a.active is None else tuple(a.active),
     )
 
 

@@ -307,9 +307,9 @@ def _sequence_stats(
     if plan.ih.batch_steps == 0:
         stats.mean[0], stats.var[0] = pop.mean[0], pop.var[0]
         return {}
-    mean, var = sequence_moments(wx, plan.sizes)
+    mean, var = sequence_moments(wx, plan.present_sizes)  # (the padding excluded)
     stats.mean[0], stats.var[0] = mean, var
-    n = torch.tensor([sum(plan.sizes)], dtype=var.dtype, device=var.device)
+    n = torch.tensor([sum(plan.present_sizes)], dtype=var.dtype, device=var.device)
     m, v, c = folded_statistics(
         pop.mean[:1], pop.var[:1], pop.count[:1], mean[None], var[None], n, pop.momentum
     )
@@ -349,6 +349,8 @@ def backward(
         beta_c=inputs.beta_c,
     )
     d_out = d_out.contiguous() if d_out is not None else x.new_zeros(T, N, H)
+    if plan.active is not None:  # the output is zero in the leading padding (a constant)
+        d_out = torch.where(present(plan.active, N, x.device).unsqueeze(-1), d_out, 0)
     # apart from what the backward steps read: the kept buffers, d_out, x
     place = Placer(
         x, saved.wh, saved.cell, saved.out, saved.wx, saved.gates, d_out, x, cached=plan.compiled
@@ -400,6 +402,8 @@ def backward(
         xhat_ih=xhat_ih,
         recomputed_gates=recomputed_gates,
         d_x=x.new_zeros(T, N, I) if (plan.inline_ih and need_x) else None,
+        hold_h=None if plan.active is None else x.new_zeros(N, H),
+        hold_c=None if (plan.active is None or not plan.lstm) else x.new_zeros(N, H),
     )
     dx = x.new_empty(T, N, I) if (need_x and not plan.inline_ih) else None
     # the weight gradients transposed (see add_weight_grad), made contiguous at the end
@@ -439,6 +443,15 @@ def backward(
                 rows = (t1 - t0) * N
                 hs = b.out[t0 - 1 : t1 - 1].reshape(rows, H)
                 add_weight_grad(dw_hh_t, hs, dwh.reshape(rows, G))
+            if plan.active is not None and t1 > t0:
+                # Cooijmans §5.4: h_{t-1} of a row still in its leading padding is h0, where
+                # the output (read above) is zero: add h0^T of those rows' dL/d(W_hh h).
+                held = ~present(plan.active[t0 - 1 : t1 - 1], N, x.device)  # (k, N)
+                add_weight_grad(dw_hh_t, p.h0, (dwh * held.unsqueeze(-1)).sum(0))
+    if g.hold_h is not None:  # the gradients of the held rows' initial state
+        g.d_h += g.hold_h
+    if g.hold_c is not None:
+        g.d_c += g.hold_c
     grads: dict[str, Tensor | None] = {
         "x": g.d_x if plan.inline_ih else dx,
         "h0": g.d_h,
@@ -459,8 +472,8 @@ def _sequence_backward(plan: Plan, b: Buffers, g: GradBuffers, gamma: Tensor) ->
     """Laurent eq. 20-21 backward: d_wx holds dL/dy of y = gamma * xhat for all steps;
     make it dL/d(W_ih x) through the one mean and variance over all unpadded frames."""
     T = plan.T
-    total = sum(plan.sizes)
-    mask = present(plan.sizes, plan.N, g.d_wx.device).unsqueeze(-1)
+    total = sum(plan.present_sizes)  # every frame is normalised, the unpadded ones counted
+    mask = present(plan.present_sizes, plan.N, g.d_wx.device).unsqueeze(-1)
     rstd = torch.rsqrt(b.stats["ih"].var[0] + plan.ih.eps)
     dy = g.d_wx[:T]
     if plan.ih.batch_steps > 0:
