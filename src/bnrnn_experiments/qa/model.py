@@ -11,7 +11,7 @@
 
 The five models (``READER_MODELS``; what each name means: `bnrnn_experiments.config.MODELS`):
 
-- ``lstm``: `torch.nn.LSTM`, bidirectional, over packed sequences.
+- ``lstm``: the plain bidirectional LSTM (`bnrnn.BNLSTM` with ``norm=None``: `torch.nn.LSTM`).
 - ``bnlstm``: the LSTMs replaced by BN-LSTM (Cooijmans eq. 6-8), frame-wise statistics.
 - ``bn-everywhere``: also BN on each of the four terms inside the two tanh (W_ym y_d(t),
   W_um u, W_rg r, W_ug u), padded document positions excluded from the statistics of
