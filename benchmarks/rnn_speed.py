@@ -74,15 +74,20 @@ CONFIGS = {
         Config("mid", 32, 256, 64, 200),
         Config("mid-packed", 32, 256, 64, 200, packed=True),
         Config("mid-bidir2", 32, 256, 64, 200, layers=2, bidirectional=True),
+        # padding (lengths in [T/2, T]): where reverse="padded" differs from the default
+        Config("mid-bidir-packed", 32, 256, 64, 200, packed=True, bidirectional=True),
     ]
 }
-# Model variants: name -> (impl, norm); "lstm" is torch.nn.LSTM.
+# Model variants: name -> (impl, norm[, reverse]); "lstm" is torch.nn.LSTM. "fast-padrev":
+# the reverse direction reads the padded batch flipped (reverse="padded", Cooijmans §5.4),
+# every row at every step; the same as "fast" on a batch without padding.
 VARIANTS = {
     "lstm": None,
     "fast": ("auto", "cooijmans"),
     "fast-input": ("auto", "input"),
     "fast-preact": ("auto", "preactivation"),
     "fast-layer": ("auto", "layer"),
+    "fast-padrev": ("auto", "cooijmans", "padded"),
     "reference": ("reference", "cooijmans"),
 }
 
@@ -92,7 +97,8 @@ def make_model(cfg: Config, variant: str) -> nn.Module:
     kw = {"num_layers": cfg.layers, "bidirectional": cfg.bidirectional}
     if VARIANTS[variant] is None:
         return nn.LSTM(cfg.I, cfg.H, **kw)
-    impl, norm = VARIANTS[variant]
+    impl, norm, *reverse = VARIANTS[variant]
+    kw["reverse"] = reverse[0] if reverse else "unpadded"
     return bnrnn.BNLSTM(cfg.I, cfg.H, norm=norm, max_length=cfg.T, impl=impl, **kw)
 
 
@@ -325,8 +331,10 @@ def main() -> None:
         peaks = {}
         for v in variants:
             # (the fast path's other placements share the cooijmans row's buffers; the
-            # layer norm's statistics and loops are its own: measured too)
-            if not args.no_peak and (not v.startswith("fast-") or v == "fast-layer"):
+            # layer norm's statistics and loops are its own, and the padded reversal runs
+            # every row at every step: measured too)
+            own = v in ("fast-layer", "fast-padrev")
+            if not args.no_peak and (not v.startswith("fast-") or own):
                 peaks[v] = peak_bytes(cfg, v, args.threads)
         for v in variants:
             tr, ev = best[v, "train"], best[v, "eval"]

@@ -135,3 +135,61 @@ def forward_backward(
     grads["input"] = x.grad
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     return out.detach(), [s.detach() for s in states], grads, buffers
+
+
+def manual_padded_reverse(
+    model, x: Tensor, lengths: Tensor, train: bool
+) -> tuple[Tensor, Tensor, Tensor, dict[str, list[tuple[Tensor, Tensor]]]]:
+    """The backward direction of a one-layer bidirectional BNLSTM (norm="cooijmans") with
+    reverse="padded", written out by hand (Cooijmans §5.4 and eq. 6-8): the padded batch
+    x (T, N, I) flipped in time, so that the padding comes first; each row's state held at
+    zero (its output zero) while its leading padding goes by; every BN of a step over all N
+    rows, the padding's zero input included. input_stats="sequence": one mean and variance
+    of W_ih x over the unpadded frames (Laurent eq. 20-21), applied to every frame. In eval
+    mode, padded step t reads population row min(t, last tracked row) (Cooijmans §3).
+
+    Returns y (T, N, H) in the input's time order, h_n, c_n (N, H), and in training the
+    batch (mean, biased variance) of each BN ("ih", "hh", "c") at each step.
+    """
+    sfx = "_l0_reverse"
+    W_ih, W_hh = getattr(model, "weight_ih" + sfx), getattr(model, "weight_hh" + sfx)
+    b = getattr(model, "bias_ih" + sfx) + getattr(model, "bias_hh" + sfx)
+    T, N, _ = x.shape
+    H = model.hidden_size
+    keep = torch.arange(T)[:, None] < lengths[None, :]  # (T, N) unpadded frames
+    wx = torch.where(keep[..., None], x, 0) @ W_ih.T  # (T, N, 4H)
+    stats: dict[str, list[tuple[Tensor, Tensor]]] = {"ih": [], "hh": [], "c": []}
+
+    def bn(key, z, t):
+        m = getattr(model, f"bn_{key}{sfx}")
+        if train:
+            mean, var = z.mean(0), z.var(0, unbiased=False)
+            stats[key].append((mean.detach(), var.detach()))
+        else:
+            row = min(t, _last_tracked(m))
+            mean, var = m.running_mean[row], m.running_var[row]
+        return manual_bn(z, m.weight, m.bias, m.eps, mean, var)
+
+    sequence = model.input_stats == "sequence"
+    if sequence:
+        m = getattr(model, "bn_ih" + sfx)
+        if train:
+            z = wx[keep]  # (sum of lengths, 4H)
+            mean, var = z.mean(0), z.var(0, unbiased=False)
+            stats["ih"].append((mean.detach(), var.detach()))
+        else:
+            mean, var = m.running_mean[0], m.running_var[0]
+        wx = manual_bn(wx, m.weight, None, m.eps, mean, var)
+    wx, keep = wx.flip(0), keep.flip(0)  # the padding now comes first
+    h = x.new_zeros(N, H)
+    c = x.new_zeros(N, H)
+    outs = []
+    for t in range(T):
+        a = bn("hh", h @ W_hh.T, t) + (wx[t] if sequence else bn("ih", wx[t], t)) + b
+        i, f, g, o = a.chunk(4, 1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_new = torch.sigmoid(o) * torch.tanh(bn("c", c_new, t))
+        k = keep[t][:, None]
+        h, c = torch.where(k, h_new, h), torch.where(k, c_new, c)  # not from padding
+        outs.append(torch.where(k, h_new, 0))
+    return torch.stack(outs).flip(0), h, c, stats

@@ -131,6 +131,12 @@ def _worker(rank, init_file, out_dir, sync):
                     dist.all_reduce(g)  # the gradient of the summed loss: what DDP averages
                 results[k, impl] = r
         if sync:
+            m = bnrnn.BNLSTM(3, 4, bidirectional=True, reverse="padded", sync_stats=True)
+            try:
+                m(torch.randn(5, 3, 3), lengths=[5, 4, 2])
+                results["padded"] = ""
+            except ValueError as e:
+                results["padded"] = str(e)
             lengths = [LENGTHS[i] for i in rows]
             for impl in IMPLS:
                 results["penalty", impl] = _penalty_grads(impl, x[: max(lengths), rows], lengths)
@@ -208,3 +214,11 @@ def test_convert_sync_batchnorm_marks_every_norm_module():
     assert all(m.sync for m in net.modules() if isinstance(m, bnrnn.StepBatchNorm))
     # Not initialised: training works unsynchronised, as torch.nn.SyncBatchNorm does.
     net["a"](torch.randn(4, 3, 3))
+
+
+
+def test_padded_reversal_with_synchronised_statistics_is_an_error(synced):
+    """Not supported (the group's statistics of a padded batch read flipped are not
+    implemented): a one-line error on every process, not a silently different number."""
+    for rank in synced:
+        assert rank["padded"].startswith("reverse='padded' with synchronised statistics")

@@ -150,6 +150,55 @@ def test_matches_reference(backend, cls, norm, input_stats, dtype):
         _compare(r1, r2, dtype)
 
 
+@pytest.mark.filterwarnings("ignore:training on step")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("norm,input_stats", PLACEMENTS)
+@pytest.mark.parametrize("cls", [bnrnn.BNLSTM, bnrnn.BNRNN])
+@pytest.mark.parametrize("num_layers,packed", [(1, False), (2, True)])
+def test_padded_reversal_matches_reference(
+    backend, num_layers, packed, cls, norm, input_stats, dtype
+):
+    """reverse="padded" (Cooijmans §5.4: the reverse direction reads the padded batch
+    flipped, the rows in their leading padding held at a non-zero initial state and counted
+    in every step's statistics): output, final states, population statistics and every
+    gradient, the initial state's included; training (more steps than max_length, with and
+    without time_offset), evaluation with gradients, and evaluation under no_grad."""
+    ref, fast_model = _pair(
+        cls,
+        dtype,
+        norm=norm,
+        input_stats=input_stats,
+        num_layers=num_layers,
+        bidirectional=True,
+        max_length=5,
+        momentum=0.3,
+        reverse="padded",
+    )
+    # float32: no forward step with two sequences only (see test_matches_reference)
+    lengths = torch.tensor([4, 7, 1, 7, 5, 3] if dtype == torch.float64 else [7, 4, 1, 7, 5, 7])
+    x = torch.randn(7, 6, 3, dtype=dtype)
+    g = torch.Generator().manual_seed(3)
+    shape = (2 * num_layers, 6, 20)
+    h0 = torch.randn(shape, generator=g, dtype=dtype)
+    c0 = torch.randn(shape, generator=g, dtype=dtype)
+    for train, offset in ((True, 0), (True, 2), (False, 2)):
+        results = []
+        for m in (ref, fast_model):
+            hx = [h0.clone().requires_grad_(), c0.clone().requires_grad_()]
+            hx = hx if cls is bnrnn.BNLSTM else hx[:1]
+            r = _run(m, x, train, lengths, packed, offset, tuple(hx) if len(hx) == 2 else hx[0])
+            for k, s in enumerate(hx):
+                r[2][f"hx{k}"] = s.grad
+            results.append(r)
+        _compare(*results, dtype)
+    evaluated = []
+    for m in (ref, fast_model):
+        with torch.no_grad():
+            out, _ = m.eval()(x, lengths=lengths)
+        evaluated.append(out)
+    _assert_close(*evaluated, dtype, "no_grad output")
+
+
 @pytest.mark.parametrize("norm", ["cooijmans", "preactivation"])
 def test_without_onednn(backend, norm):
     """With oneDNN disabled (torch.backends.mkldnn), the input GEMMs and the compiled

@@ -60,17 +60,27 @@ def reference_direction(
     p: DirectionParams,
     step: StepFn,
     time_offset: int = 0,
+    active: list[int] | None = None,
 ) -> tuple[Tensor, State]:
     """Run one direction over a sorted, zero-padded batch.
 
     x: (T, N, I), the sequences present at step t are the first batch_sizes[t] rows;
     state: tuple of (N, H). Returns the output (T, N, H), zero beyond each length, and the
     state of each sequence at its own last step.
+
+    ``active`` (T,), for a padded batch read flipped in time (``reverse="padded"``,
+    Cooijmans §5.4: the padding comes first): the rows [active[t], batch_sizes[t]) are
+    still in their leading padding at step t. They are computed with the others (their zero
+    input, their state) and enter the step's statistics, but their state is not updated
+    (it stays the initial state) and their output is zero. ``active`` increases (rows
+    sorted by decreasing length); its counts are the unpadded frames of sequence-wise
+    statistics.
     """
     N = x.shape[1]
+    present_sizes = batch_sizes if active is None else active
     if p.bn_ih is not None and p.input_stats == "sequence":
         # Laurent eq. 20-21: one mean and variance over all unpadded frames.
-        wx_steps = p.bn_ih.sequence(F.linear(x, p.weight_ih), batch_sizes).unbind(0)
+        wx_steps = p.bn_ih.sequence(F.linear(x, p.weight_ih), present_sizes).unbind(0)
     else:
         wx_steps = None
     outputs = []
@@ -85,10 +95,19 @@ def reference_direction(
         new = step(
             wx, tuple(s[:n] for s in state), p.weight_hh, p.bias, p.step_norms(t + time_offset)
         )
+        if active is not None and active[t] < n:
+            # Cooijmans §5.4: the state is not updated from the (leading) padding: those
+            # rows keep their state, which is still the initial one, and output zero.
+            m = active[t]
+            new = tuple(torch.cat([a[:m], s[m:n]]) for a, s in zip(new, state))
+            h = new[0]
+            new_out = torch.cat([h[:m], h.new_zeros(n - m, h.shape[1])])
+        else:
+            new_out = new[0]
         if n < N:  # finished sequences keep their last state
             state = tuple(torch.cat([a, s[n:]]) for a, s in zip(new, state))
-            outputs.append(torch.cat([new[0], new[0].new_zeros(N - n, new[0].shape[1])]))
+            outputs.append(torch.cat([new_out, new_out.new_zeros(N - n, new_out.shape[1])]))
         else:
             state = new
-            outputs.append(new[0])
+            outputs.append(new_out)
     return torch.stack(outputs), state

@@ -29,6 +29,9 @@ from .placement import (
 from .reference import DirectionParams, StepFn, reference_direction
 
 IMPLS = ("auto", "fast", "reference")
+# How the reverse direction reads a padded batch (Cooijmans §5.4): each sequence's own part
+# reversed, or the padded batch flipped whole (the padding first).
+REVERSES = ("unpadded", "padded")
 # Deprecated names of an impl, accepted with a FutureWarning: "fused" is "fast".
 _DEPRECATED_IMPLS = {"fused": "fast"}
 
@@ -61,10 +64,13 @@ class _BNRNNBase(nn.Module):
         impl: str = "auto",
         sync_stats: bool = False,
         process_group: Any = None,
+        reverse: str = "unpadded",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if reverse not in REVERSES:
+            raise ValueError(f"reverse must be one of {REVERSES}, got {reverse!r}")
         check_placement(norm, input_stats, max_length)
         gamma_init = default_gamma_init(norm, gamma_init)
         check_layer_args(input_size, hidden_size, eps, momentum, gamma_init, forget_bias)
@@ -109,6 +115,7 @@ class _BNRNNBase(nn.Module):
         self.init_noise = init_noise
         self.weight_init = weight_init
         self.impl = impl
+        self.reverse = reverse
         D = 2 if bidirectional else 1
         G = self._gates * hidden_size
 
@@ -197,6 +204,8 @@ class _BNRNNBase(nn.Module):
             s += f", dropout={self.dropout}"
         if self.bidirectional:
             s += ", bidirectional=True"
+        if self.reverse != "unpadded":
+            s += f", reverse={self.reverse!r}"
         s += f", norm={self.norm!r}"
         if self.norm == "layer":
             s += f", gamma_init={self.gamma_init}"
@@ -215,6 +224,17 @@ class _BNRNNBase(nn.Module):
 
     def _step_fn(self) -> StepFn:
         raise NotImplementedError
+
+    def _padded_reversal(self) -> bool:
+        """Does the reverse direction read a padded batch flipped whole (reverse="padded")?
+        Only where a frame-wise batch statistic sees the rows in their leading padding:
+        without one (norm None or "layer", or "input" with sequence-wise statistics) a
+        sequence's state held at its initial value through the padding starts its reversed
+        part exactly as in the "unpadded" reading, and the outputs are the same."""
+        frame_wise = self.norm in ("cooijmans", "preactivation") or (
+            self.norm == "input" and self.input_stats == "frame"
+        )
+        return self.bidirectional and self.reverse == "padded" and frame_wise
 
     def _collecting(self) -> bool:
         """Is `update_population_stats` running batches through this layer?"""
@@ -307,6 +327,17 @@ class _BNRNNBase(nn.Module):
         init = self._initial_states(hx, batch, x)
         D = 2 if self.bidirectional else 1
         full = unpadded(batch.batch_sizes, x.shape[1])
+        # Cooijmans §5.4, "padded" reversal of a batch with padding: the reverse direction
+        # runs over the batch flipped in time, every row at every step (n_t = N in the
+        # statistics, population rows indexed by the padded step); at step t the rows
+        # [active[t], N) are in their leading padding and hold their initial state.
+        padded = self._padded_reversal() and not full
+        if padded and syncing:
+            raise ValueError(
+                "reverse='padded' with synchronised statistics (sync_stats) is not supported: "
+                "use reverse='unpadded', or batches without padding"
+            )
+        active = batch.batch_sizes[::-1]
         step = self._step_fn()
         finals: list[list[Tensor]] = [[] for _ in init]
         layer_input = x
@@ -330,7 +361,12 @@ class _BNRNNBase(nn.Module):
                             "impl='auto' or 'reference'"
                         )
                 args = (batch.batch_sizes, state, params, step, time_offset)
-                if d == 1 and run is not reference_direction and full:
+                if d == 1 and padded:
+                    every = [x.shape[1]] * x.shape[0]
+                    flipped = layer_input.flip(0)  # (T, N, I), the padding first
+                    out, state = run(flipped, every, *args[1:], active=active)
+                    out = out.flip(0)
+                elif d == 1 and run is not reference_direction and full:
                     out, state = run(layer_input, *args, reverse=True)  # walks time backwards
                 elif d == 1:
                     out, state = run(reverse_padded(layer_input, batch.lengths), *args)
@@ -432,6 +468,16 @@ class BNLSTM(_BNRNNBase):
             `bnrnn.fast.set_backend`'s choice, not the layer's.
         sync_stats: all-reduce batch statistics over ``process_group`` (default: the
             world) in distributed data-parallel training; see `convert_sync_batchnorm`.
+        reverse: how the reverse direction (``bidirectional=True``) reads a padded batch
+            (Cooijmans §5.4). ``"unpadded"``: each sequence's own part reversed, the padding
+            left in place, so step 0 of the reverse pass is every sequence's last frame.
+            ``"padded"``: the padded batch flipped in time, the padding first (the "common
+            practice" of §5.4): a sequence's state stays at its initial value while its
+            leading padding goes by and its output there is zero, but its row enters the
+            frame-wise batch statistics of every step (N rows at each step, zero input), and
+            population rows are indexed by the padded step. Without padding, or without a
+            frame-wise batch statistic (``norm=None``, ``"layer"``, ``"input"`` with
+            sequence-wise statistics) the two give the same results.
 
     Shapes: weight_ih_l{k}: (4H, I or D*H); weight_hh_l{k}: (4H, H); bias_ih_l{k},
     bias_hh_l{k}: (4H,), gates in torch order (i, f, g, o). BN modules ``bn_ih_l{k}``,

@@ -1,19 +1,21 @@
 """Tests of the Attentive Reader and its five variants: candidate masking, what padding may
-and may not change (Cooijmans §5.4), the padded-reverse backward LSTM against the library,
-and a tiny training run per variant."""
+and may not change (Cooijmans §5.4), the readers' padded-reverse backward LSTM
+(``bnrnn.BNLSTM(reverse="padded")``) against the rule written out, and a tiny training run
+per variant."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import bnrnn
 from bnrnn_experiments.config import MODELS
-from bnrnn_experiments.qa.model import AttentiveReader, PaddedReverseBNLSTM
+from bnrnn_experiments.qa.model import AttentiveReader, reader_lstm
 from bnrnn_experiments.qa.presets import READER_MODELS
+from helpers import manual_padded_reverse
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -157,7 +159,7 @@ def test_padded_reverse_depends_on_the_amount_of_padding(name: str) -> None:
     ref, m_ref = _run(model, "train", document, doc_len, q, q_len, candidates)
     out, m_out = _run(model, "train", more, doc_len, q, q_len, candidates)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    hh = "doc_encoder.lstm.backward_lstm.bn_hh.running_mean"
+    hh = "doc_encoder.lstm.bn_hh_l0_reverse.running_mean"
     assert not torch.allclose(_buffers(m_out)[hh], _buffers(m_ref)[hh])
     ref, _ = _run(model, "eval", document, doc_len, q, q_len, candidates)
     out, _ = _run(model, "eval", more, doc_len, q, q_len, candidates)
@@ -202,57 +204,82 @@ def test_attention_and_its_statistics_ignore_padded_positions(name: str, mode: s
         torch.testing.assert_close(bn.running_mean[0], expected.detach())
 
 
-# ---------------------------------------------- the padded-reverse LSTM vs the library
+# ------------------------------------ the readers' LSTMs: reverse="padded" written out
+
+
+@pytest.mark.parametrize("name", PADDED_REVERSE)
+def test_padded_reverse_reader_lstm_is_the_written_out_construction(name: str) -> None:
+    """The backward LSTM of bnlstm, bn-everywhere, bn-e* (``bnrnn.BNLSTM(reverse="padded")``)
+    against Cooijmans §5.4 written out independently of the library's loops
+    (`helpers.manual_padded_reverse`: the padded batch flipped, the state held at zero
+    through the leading padding, statistics over all rows): outputs, final state,
+    gradients and population statistics in training, then outputs in evaluation."""
+    spec = MODELS[name]
+    torch.manual_seed(0)
+    kw = {"max_length": 12, "momentum": 0.1, "eps": 1e-5, "gamma_init": 0.1}
+    lstm = reader_lstm(spec, 3, 4, weight_init="orthogonal", forget_bias=0.0, **kw).double()
+    assert lstm.reverse == "padded"
+    manual = copy.deepcopy(lstm)
+    x = torch.randn(9, 5, 3, dtype=torch.double, requires_grad=True)
+    lengths = torch.tensor([9, 4, 7, 2, 9])
+    y, (h, c) = lstm(x, lengths=lengths)
+    y_m, h_m, c_m, stats = manual_padded_reverse(manual, x, lengths, train=True)
+    torch.testing.assert_close(y[..., 4:], y_m)
+    torch.testing.assert_close(h[1], h_m)
+    torch.testing.assert_close(c[1], c_m)
+    (g,) = torch.autograd.grad(y[..., 4:].square().sum() + c[1].sum(), x)
+    (g_m,) = torch.autograd.grad(y_m.square().sum() + c_m.sum(), x)
+    torch.testing.assert_close(g, g_m)
+    for key, steps in stats.items():
+        mean = torch.stack([m for m, _ in steps])
+        torch.testing.assert_close(
+            getattr(lstm, f"bn_{key}_l0_reverse").running_mean[: len(steps)], 0.1 * mean
+        )
+    manual.load_state_dict(lstm.state_dict())
+    with torch.no_grad():
+        y, _ = lstm.eval()(x, lengths=lengths)
+        y_m, _, _, _ = manual_padded_reverse(manual.eval(), x, lengths, train=False)
+    torch.testing.assert_close(y[..., 4:], y_m)
 
 
 @pytest.mark.parametrize("input_stats", ["frame", "sequence"])
-def test_padded_reverse_equals_library_reverse_without_padding(input_stats: str) -> None:
-    """Without padding, reversing the padded batch is reversing each sequence: the
-    `PaddedReverseBNLSTM` must then equal `bnrnn.BNLSTM`'s backward direction, outputs,
-    final state, gradients and population statistics."""
+def test_padded_reverse_equals_unpadded_reverse_without_padding(input_stats: str) -> None:
+    """Without padding, reversing the padded batch is reversing each sequence: a reader's
+    BN-LSTM with reverse="padded" and the same with "unpadded" (bn-e**'s reading) give the
+    same outputs, final states, gradients and population statistics."""
     torch.manual_seed(0)
     T, N, I, H = 7, 4, 3, 5
-    lib = bnrnn.BNLSTM(I, H, bidirectional=True, input_stats=input_stats, max_length=T,
-                       weight_init="orthogonal").double()  # fmt: skip
-    ours = PaddedReverseBNLSTM(I, H, input_stats=input_stats, max_length=T).double()
-    with torch.no_grad():
-        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-            getattr(ours, name).copy_(getattr(lib, f"{name}_l0_reverse"))
-        for key in ("ih", "hh", "c"):
-            getattr(ours, f"bn_{key}").weight.copy_(getattr(lib, f"bn_{key}_l0_reverse").weight)
-        ours.bn_c.bias.copy_(torch.randn(H))
-        lib.bn_c_l0_reverse.bias.copy_(ours.bn_c.bias)
+    kw = {"max_length": T, "weight_init": "orthogonal", "forget_bias": 0.0}
+    padded = reader_lstm(MODELS["bnlstm"], I, H, input_stats=input_stats, **kw).double()
+    spec = dataclasses.replace(MODELS["bnlstm"], reverse="unpadded")
+    unpadded = reader_lstm(spec, I, H, input_stats=input_stats, **kw).double()
+    unpadded.load_state_dict(padded.state_dict())
     x = torch.randn(T, N, I, dtype=torch.double, requires_grad=True)
     lengths = torch.full((N,), T)
     for mode in ("train", "eval"):
-        lib.train(mode == "train")
-        ours.train(mode == "train")
-        y_lib, (h_lib, c_lib) = lib(x, lengths=lengths)
-        y_ours, (h_ours, c_ours) = ours(x, lengths)
-        torch.testing.assert_close(y_ours, y_lib[..., H:])
-        torch.testing.assert_close(h_ours, h_lib[1])
-        torch.testing.assert_close(c_ours, c_lib[1])
-        (g_lib,) = torch.autograd.grad(y_lib[..., H:].square().sum(), x)
-        (g_ours,) = torch.autograd.grad(y_ours.square().sum(), x)
-        torch.testing.assert_close(g_ours, g_lib)
-    for key in ("ih", "hh", "c"):
-        ref = getattr(lib, f"bn_{key}_l0_reverse")
-        torch.testing.assert_close(getattr(ours, f"bn_{key}").running_mean, ref.running_mean)
-        torch.testing.assert_close(getattr(ours, f"bn_{key}").running_var, ref.running_var)
+        results = []
+        for m in (padded, unpadded):
+            y, (h, c) = m.train(mode == "train")(x, lengths=lengths)
+            (g,) = torch.autograd.grad(y.square().sum(), x)
+            results.append((y, h, c, g))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b)
+    for (k, a), (_, b) in zip(padded.named_buffers(), unpadded.named_buffers()):
+        torch.testing.assert_close(a, b, msg=k)
 
 
 def test_padded_reverse_holds_the_state_through_the_padding() -> None:
     """In eval mode with fresh population statistics (mean 0, var 1 in every row), a
     sequence read after its front padding is the sequence read alone."""
     torch.manual_seed(0)
-    ours = PaddedReverseBNLSTM(3, 4, max_length=10).double().eval()
+    lstm = reader_lstm(MODELS["bnlstm"], 3, 4, max_length=10, weight_init="orthogonal")
+    lstm = lstm.double().eval()
     x = torch.randn(6, 2, 3, dtype=torch.double)
-    lengths = torch.tensor([6, 3])
-    y, (h, _) = ours(x, lengths)
-    y_alone, (h_alone, _) = ours(x[:3, 1:], torch.tensor([3]))
+    y, (h, _) = lstm(x, lengths=torch.tensor([6, 3]))
+    y_alone, (h_alone, _) = lstm(x[:3, 1:], lengths=torch.tensor([3]))
     # same population row for every step: only the holding of the state is tested here
     torch.testing.assert_close(y[:3, 1], y_alone[:, 0])
-    torch.testing.assert_close(h[1], h_alone[0])
+    torch.testing.assert_close(h[:, 1], h_alone[:, 0])
     assert (y[3:, 1] == 0).all()
 
 
@@ -261,17 +288,17 @@ def test_padded_reverse_reads_the_last_tracked_row_beyond_it() -> None:
     3..6 (Cooijmans §3), not the untracked rows 4..6: the same as rows 4..9 filled with
     row 3."""
     torch.manual_seed(0)
-    ours = PaddedReverseBNLSTM(3, 4, max_length=10).double()
-    ours(torch.randn(4, 5, 3, dtype=torch.double), torch.tensor([4, 4, 3, 2, 4]))
-    ours.eval()
-    filled = copy.deepcopy(ours)
-    for key in ("ih", "hh", "c"):
-        bn = getattr(filled, f"bn_{key}")
-        if bn.running_mean.dim() == 2:
+    lstm = reader_lstm(MODELS["bnlstm"], 3, 4, max_length=10, weight_init="orthogonal")
+    lstm = lstm.double()
+    lstm(torch.randn(4, 5, 3, dtype=torch.double), lengths=torch.tensor([4, 4, 3, 2, 4]))
+    lstm.eval()
+    filled = copy.deepcopy(lstm)
+    for bn in filled.norm_modules():
+        if bn.running_mean.shape[0] > 1:
             bn.running_mean[4:] = bn.running_mean[3]
             bn.running_var[4:] = bn.running_var[3]
     x, lengths = torch.randn(7, 2, 3, dtype=torch.double), torch.tensor([7, 5])
-    torch.testing.assert_close(ours(x, lengths)[0], filled(x, lengths)[0])
+    torch.testing.assert_close(lstm(x, lengths=lengths)[0], filled(x, lengths=lengths)[0])
 
 
 # ------------------------------------------------------------------------- training

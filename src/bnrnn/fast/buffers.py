@@ -89,3 +89,9 @@ class GradBuffers:
     xhat_ih: Tensor | None = None  # (1, N, G) the step's xhat_ih, recomputed in the step
     recomputed_gates: Tensor | None = None  # (1, N, G) plan.recompute_act: the step's gates
     d_x: Tensor | None = None  # (T, N, I) inline projection: dL/dx, rows [t0, t1) written
+    # Plan.active (Cooijmans §5.4): dL/dh0 and dL/dc0 (N, H) of the rows in their leading
+    # padding, accumulated: at each step the loops move d_h and d_c of the rows not updated
+    # there into these (and zero them), since those rows' state is the initial one. The
+    # caller adds them to d_h and d_c after the last step.
+    hold_h: Tensor | None = None
+    hold_c: Tensor | None = None

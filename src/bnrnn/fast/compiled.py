@@ -234,6 +234,7 @@ class CompiledLoops:
             "step_ih": plan.step_ih,
             "recompute_act": plan.recompute_act,
             "layer": plan.layer,
+            "active": [] if plan.active is None else list(plan.active),
             "out": b.out,
             "h0": p.h0,
             "c0": p.c0,
@@ -294,4 +295,6 @@ class CompiledLoops:
             grad_gamma_c=sums.gamma.get("c"),
             grad_beta_c=sums.beta_c,
             grad_w_ih_t=sums.w_ih_t,
+            hold_h=g.hold_h,
+            hold_c=g.hold_c,
         )

@@ -65,12 +65,15 @@ def fast_direction(
     step: Any,
     time_offset: int = 0,
     reverse: bool = False,
+    active: list[int] | None = None,
 ) -> tuple[Tensor, State]:
     """Run one direction over a sorted, zero-padded batch; same contract as
     `bnrnn.reference.reference_direction`. x: (T, N, I); state: (h_0, c_0) or (h_0,),
     each (N, H). Returns the output (T, N, H), zero beyond each length, and the state of
     each sequence at its own last step. ``reverse`` (a batch with no padding only): run
-    over x in reversed time, the output in x's time order, as ``out(x.flip(0)).flip(0)``."""
+    over x in reversed time, the output in x's time order, as ``out(x.flip(0)).flip(0)``.
+    ``active``: a padded batch read flipped (Cooijmans §5.4), as
+    `bnrnn.reference.reference_direction` takes it (``batch_sizes`` then all N)."""
     kind = _kind(step)
     assert kind is not None
     bns = {"ih": p.bn_ih, "hh": p.bn_hh, "pre": p.bn_pre, "c": p.bn_c}
@@ -131,6 +134,7 @@ def fast_direction(
         layer=layer,
         sync_group=sync_group,
         group_sizes=None if group_sizes is None else list(group_sizes),
+        active=None if active is None else list(active),
     )
     out, h_n, c_n, rows = direction(args)
     _write_tracked(args, bns, rows)
@@ -164,6 +168,7 @@ def _write_tracked(
             bn.running_var[start : start + k].copy_(var)
             bn.num_batches_tracked[start : start + k].copy_(count)
         sequence = key == "ih" and args.sequence_ih
-        last = args.time_offset + batch_steps(args.stat_sizes, True, sequence) - 1
+        sizes = args.active if (sequence and args.active is not None) else args.stat_sizes
+        last = args.time_offset + batch_steps(sizes, True, sequence) - 1
         if not sequence and last >= bn.max_length:
             bn._warn_beyond(max(bn.max_length, args.time_offset))

@@ -18,6 +18,12 @@ means are over the sequences present on every process of the group: each is one
 all-reduce of one flat buffer (`bnrnn.fast.sync`), issued here for the terms that feed the
 recurrence (W_hh h, the pre-activation, the cell); the input term's are issued by the
 caller for many steps at once (``plan.deferred_ih``).
+
+A padded batch read flipped in time (``Plan.active``, Cooijmans §5.4) has every row present
+at every step; the rows [plan.updated(t), N) are in their leading padding: computed (they
+enter the statistics), but their state stays (h0, c0) (`Plan.initial_from`: the rows read
+as state) and their output is zero. The backward lets their incoming dL/dh and dL/dc
+bypass the step into ``hold_h``, ``hold_c`` (their state is the initial one).
 """
 
 from __future__ import annotations
@@ -48,6 +54,13 @@ def _normalise(plan: Plan, b: Buffers, key: str, z: Tensor, t: int) -> Tensor:
     return (z - stats.mean[row]) * torch.rsqrt(stats.var[row] + nm.eps)
 
 
+def _from_initial(plan: Plan, t: int, prev: Tensor, initial: Tensor, n: int) -> Tensor:
+    """The state (n, H) step t reads: ``prev``'s rows, the initial state's for the rows still
+    in their leading padding (Cooijmans §5.4: the state is not updated from padding)."""
+    m = plan.initial_from(t)
+    return prev[:n] if m >= n else torch.cat([prev[:m], initial[m:n]])
+
+
 @torch.no_grad()
 def forward_loop(plan: Plan, p: Params, b: Buffers, t0: int, t1: int, wx_base: int = 0) -> None:
     """Steps t0 to t1 - 1; b.wx holds steps from wx_base."""
@@ -55,7 +68,7 @@ def forward_loop(plan: Plan, p: Params, b: Buffers, t0: int, t1: int, wx_base: i
     for t in range(t0, t1):
         n = plan.sizes[t]
         s = t if plan.save else 0
-        h_prev = p.h0[:n] if t == 0 else b.out[t - 1, :n]
+        h_prev = p.h0[:n] if t == 0 else _from_initial(plan, t, b.out[t - 1], p.h0, n)
         wh = torch.mm(h_prev, p.w_hh_t, out=b.wh[s if plan.hh else 0, :n])  # (n, G)
         wx = b.wx[t - wx_base, :n]
         if plan.hh:
@@ -79,6 +92,7 @@ def forward_loop(plan: Plan, p: Params, b: Buffers, t0: int, t1: int, wx_base: i
             torch.tanh(a[:, 2 * H : 3 * H], out=act[:, 2 * H : 3 * H])
             i, f, g, o = act.chunk(4, 1)
             c_prev = p.c0[:n] if (t == 0 and plan.save) else b.cell[t - 1 if plan.save else 0, :n]
+            c_prev = _from_initial(plan, t, c_prev, p.c0, n)
             c = b.cell[s, :n]
             torch.addcmul(i * g, f, c_prev, out=c)
             tc = b.tanh_cell[0, :n]
@@ -91,7 +105,7 @@ def forward_loop(plan: Plan, p: Params, b: Buffers, t0: int, t1: int, wx_base: i
             torch.tanh(a, out=b.out[t, :n])
         else:
             torch.clamp(a, min=0, out=b.out[t, :n])
-        b.out[t, n:].zero_()
+        b.out[t, plan.updated(t) :].zero_()  # (leading padding: computed, not output)
 
 
 def _bn_backward(
@@ -130,6 +144,13 @@ def backward_loop(plan: Plan, p: Params, b: Buffers, g: GradBuffers, t0: int, t1
     sums = g.sums
     for t in reversed(range(t0, t1)):
         n = plan.sizes[t]
+        m = plan.updated(t)
+        if m < n:  # rows in their leading padding: their state after step t is (h0, c0)
+            g.hold_h[m:n] += g.d_h[m:n]
+            g.d_h[m:n] = 0
+            if plan.lstm:
+                g.hold_c[m:n] += g.d_c[m:n]
+                g.d_c[m:n] = 0
         dh = g.d_out[t, :n] + g.d_h[:n]
         if plan.lstm:
             i, f, gg, o = b.gates[t, :n].chunk(4, 1)
@@ -148,7 +169,7 @@ def backward_loop(plan: Plan, p: Params, b: Buffers, g: GradBuffers, t0: int, t1
                 sums.beta_c += dcout.sum(0)
                 dcout = _bn_backward(plan, p, b, g, "c", dcout, xhat_c, t)
             dc = g.d_c[:n] + dcout
-            c_prev = p.c0[:n] if t == 0 else b.cell[t - 1, :n]
+            c_prev = p.c0[:n] if t == 0 else _from_initial(plan, t, b.cell[t - 1], p.c0, n)
             da = torch.cat(
                 [
                     dc * gg * i * (1 - i),

@@ -80,7 +80,9 @@ class DirectionArgs(_Differentiable):
     normalisations (norm="layer", Ba et al. §6.5: statistics per row, no population
     statistics, whose arguments are then None); sync_group: synchronised statistics over
     the process group of this name (design.md, Synchronised statistics), group_sizes (T,)
-    the sequences present at each step over the group (None: not synchronised)."""
+    the sequences present at each step over the group (None: not synchronised); active:
+    see `bnrnn.fast.plan.Plan.active` (a padded batch read flipped in time, Cooijmans
+    §5.4), None otherwise."""
 
     running_mean_ih: Tensor | None
     running_var_ih: Tensor | None
@@ -116,6 +118,7 @@ class DirectionArgs(_Differentiable):
     layer: bool = False
     sync_group: str | None = None
     group_sizes: list[int] | None = None
+    active: list[int] | None = None
 
     @cached_property
     def plan(self) -> Plan:
@@ -158,7 +161,8 @@ class DirectionArgs(_Differentiable):
         for key in NORM_KEYS:
             mean = getattr(self, f"running_mean_{key}")
             sequence = key == "ih" and self.sequence_ih
-            steps = batch_steps(self.stat_sizes, getattr(self, f"batch_stats_{key}"), sequence)
+            sizes = self.active if (sequence and self.active is not None) else self.stat_sizes
+            steps = batch_steps(sizes, getattr(self, f"batch_stats_{key}"), sequence)
             if mean is None or steps == 0:
                 continue
             out[key] = (0, 1) if sequence else tracked_rows(steps, self.time_offset, mean.shape[0])
@@ -199,6 +203,7 @@ class BackwardArgs(_Differentiable):
     layer: bool = False
     sync_group: str | None = None
     group_sizes: list[int] | None = None
+    active: list[int] | None = None
 
     @cached_property
     def plan(self) -> Plan:
@@ -224,6 +229,7 @@ def _plan(a: DirectionArgs | BackwardArgs, save: bool, reverse: bool) -> Plan:
         reverse=reverse,
         layer=a.layer,
         sync=Sync.of(a.sync_group, a.group_sizes),
+        active=None if a.active is None else tuple(a.active),
     )
 
 

@@ -104,6 +104,12 @@ class Plan:
         does not feed the recurrence)."""
         return self.sync is not None and self.ih is not None and not self.ih.sequence
 
+    # (T,) or None. A padded batch read flipped in time (reverse="padded", Cooijmans §5.4:
+    # the padding first): sizes[t] is N, every row enters the statistics of every step, but
+    # only the rows [0, active[t]) are updated; the rows [active[t], N) are in their leading
+    # padding: computed, their state held at (h0, c0), their output zero. Increasing.
+    active: tuple[int, ...] | None = None
+
     @property
     def T(self) -> int:
         return len(self.sizes)
@@ -111,6 +117,23 @@ class Plan:
     @property
     def lstm(self) -> bool:
         return self.kind == LSTM
+
+    @property
+    def present_sizes(self) -> tuple[int, ...]:
+        """(T,) the unpadded frames at each step (the rows [0, present_sizes[t])): those of
+        sequence-wise statistics (Laurent eq. 20-21)."""
+        return self.sizes if self.active is None else self.active
+
+    def updated(self, t: int) -> int:
+        """The rows [0, updated(t)) whose state step t updates (the others are padding)."""
+        return self.sizes[t] if self.active is None else self.active[t]
+
+    def initial_from(self, t: int) -> int:
+        """The first row whose state before step t is still the initial one (h0, c0)
+        because it has read only padding so far (Cooijmans §5.4); N when none is."""
+        if t == 0:
+            return 0
+        return self.N if self.active is None else self.active[t - 1]
 
     @property
     def sequence_ih(self) -> bool:
@@ -189,14 +212,17 @@ def make_plan(
     reverse: bool,
     layer: bool = False,
     sync: Sync | None = None,
+    active: tuple[int, ...] | None = None,
 ) -> Plan:
     """The plan of one call over x of ``shape`` (T, N, I). ``norms``: for each BN present,
     (eps, whether it uses batch statistics: training, or collecting population
     statistics). ``layer``: the norms are layer normalisations (norm="layer"; the
     compiled loops run them in csrc/layer.h, with W_ih x given for all steps or computed in
     the step for a small input, and the gate activations kept). ``sync``: synchronised
-    statistics, over the group's sequences present at each step (the Python loops)."""
+    statistics, over the group's sequences present at each step (the Python loops).
+    ``active``: see `Plan.active` (not with ``reverse``, ``layer`` nor ``sync``)."""
     T, N, I = shape
+    assert active is None or not (reverse or layer or sync)
     compiled = compiled and sync is None  # the compiled loops issue no collectives
     stat_sizes = sizes if sync is None else sync.sizes
 
@@ -207,7 +233,8 @@ def make_plan(
         if layer:
             return NormPlan(eps, 0, layer=True)
         sequence = key == "ih" and sequence_ih
-        return NormPlan(eps, batch_steps(stat_sizes, batch, sequence), sequence)
+        counted = active if (sequence and active is not None) else stat_sizes
+        return NormPlan(eps, batch_steps(counted, batch, sequence), sequence)
 
     ih, hh, pre, c = (norm(key) for key in NORM_KEYS)
     lstm = kind == LSTM
@@ -252,4 +279,5 @@ def make_plan(
         reverse=reverse,
         recompute_act=recompute_act,
         sync=sync,
+        active=active,
     )

@@ -100,5 +100,6 @@ def replay(
     else:
         nonlinearity = "tanh" if plan.kind == RNN_TANH else "relu"
         step, state = functools.partial(rnn_step, nonlinearity=nonlinearity), (inputs.h0,)
-    out, state = reference_direction(inputs.x, list(plan.sizes), state, params, step)
+    active = None if plan.active is None else list(plan.active)  # Cooijmans §5.4
+    out, state = reference_direction(inputs.x, list(plan.sizes), state, params, step, 0, active)
     return out, state[0], (state[1] if plan.kind == LSTM else None)

@@ -319,11 +319,12 @@ def _sequence_stats(
         stats.mean[0], stats.var[0] = pop.mean[0], pop.var[0]
         return {}
     if plan.sync is None:
-        mean, var = sequence_moments(wx, plan.sizes)
+        mean, var = sequence_moments(wx, plan.present_sizes)  # (the padding excluded)
     else:  # over the group's frames: one all-reduce
         mean, var = plan.sync.sequence_moments(wx, plan.sizes)
     stats.mean[0], stats.var[0] = mean, var
-    n = torch.tensor([sum(plan.stat_sizes)], dtype=var.dtype, device=var.device)
+    n = torch.tensor([sum(plan.present_sizes if plan.sync is None else plan.stat_sizes)],
+                     dtype=var.dtype, device=var.device)  # fmt: skip
     m, v, c = folded_statistics(
         pop.mean[:1], pop.var[:1], pop.count[:1], mean[None], var[None], n, pop.momentum
     )
@@ -363,6 +364,8 @@ def backward(
         beta_c=inputs.beta_c,
     )
     d_out = d_out.contiguous() if d_out is not None else x.new_zeros(T, N, H)
+    if plan.active is not None:  # the output is zero in the leading padding (a constant)
+        d_out = torch.where(present(plan.active, N, x.device).unsqueeze(-1), d_out, 0)
     # apart from what the backward steps read: the kept buffers, d_out, x
     place = Placer(
         x, saved.wh, saved.cell, saved.out, saved.wx, saved.gates, d_out, x, cached=plan.compiled
@@ -415,6 +418,8 @@ def backward(
         xhat_ih=xhat_ih,
         recomputed_gates=recomputed_gates,
         d_x=x.new_zeros(T, N, I) if (plan.inline_ih and need_x) else None,
+        hold_h=None if plan.active is None else x.new_zeros(N, H),
+        hold_c=None if (plan.active is None or not plan.lstm) else x.new_zeros(N, H),
     )
     dx = x.new_empty(T, N, I) if (need_x and not plan.inline_ih) else None
     # the weight gradients transposed (see add_weight_grad), made contiguous at the end
@@ -450,6 +455,11 @@ def backward(
                 rows = (t1 - first) * N
                 hs = b.out[first - 1 : t1 - 1].reshape(rows, H)
                 add_weight_grad(dw_hh_t, hs, dwh.reshape(rows, G))
+            if plan.active is not None and t1 > first:
+                # Cooijmans §5.4: h_{t-1} of a row still in its leading padding is h0, where
+                # the output (read above) is zero: add h0^T of those rows' dL/d(W_hh h).
+                held = ~present(plan.active[first - 1 : t1 - 1], N, x.device)  # (k, N)
+                add_weight_grad(dw_hh_t, p.h0, (dwh * held.unsqueeze(-1)).sum(0))
         if plan.deferred_ih:
             _deferred_ih_backward(plan, p, b, g, t0, t1, pending)
         if not plan.inline_ih:  # (inline: accumulated inside the loop)
@@ -458,6 +468,10 @@ def backward(
                 dx[t0:t1].view(k * N, I).copy_(linear(dwx, w_ih.t()))
             if dw_ih_t is not None:
                 add_weight_grad(dw_ih_t, x[t0:t1].reshape(k * N, I), dwx)
+    if g.hold_h is not None:  # the gradients of the held rows' initial state
+        g.d_h += g.hold_h
+    if g.hold_c is not None:
+        g.d_c += g.hold_c
     grads: dict[str, Tensor | None] = {
         "x": g.d_x if plan.inline_ih else dx,
         "h0": g.d_h,
@@ -478,8 +492,8 @@ def _sequence_backward(plan: Plan, b: Buffers, g: GradBuffers, gamma: Tensor) ->
     """Laurent eq. 20-21 backward: d_wx holds dL/dy of y = gamma * xhat for all steps;
     make it dL/d(W_ih x) through the one mean and variance over all unpadded frames."""
     T = plan.T
-    total = sum(plan.stat_sizes)
-    mask = present(plan.sizes, plan.N, g.d_wx.device).unsqueeze(-1)
+    total = sum(plan.present_sizes if plan.sync is None else plan.stat_sizes)
+    mask = present(plan.present_sizes, plan.N, g.d_wx.device).unsqueeze(-1)
     rstd = torch.rsqrt(b.stats["ih"].var[0] + plan.ih.eps)
     dy = g.d_wx[:T]
     if plan.ih.batch_steps > 0:

@@ -228,7 +228,7 @@ def _gradient_norms(
 
 def _fast_vs_reference(task: Any, model: nn.Module, batch: QABatch) -> float | None:
     """Largest relative difference (per parameter, in norm) between the gradients of the
-    fast path and of the reference loop; None without BN-LSTMs."""
+    fast path and of the reference loop; None without `bnrnn.BNLSTM` layers."""
     if not any(isinstance(m, bnrnn.BNLSTM) for m in model.modules()):
         return None
     grads = []

@@ -11,7 +11,7 @@
 
 The five models (``READER_MODELS``; what each name means: `bnrnn_experiments.config.MODELS`):
 
-- ``lstm``: `torch.nn.LSTM`, bidirectional, over packed sequences.
+- ``lstm``: the plain bidirectional LSTM (`bnrnn.BNLSTM` with ``norm=None``: `torch.nn.LSTM`).
 - ``bnlstm``: the LSTMs replaced by BN-LSTM (Cooijmans eq. 6-8), frame-wise statistics.
 - ``bn-everywhere``: also BN on each of the four terms inside the two tanh (W_ym y_d(t),
   W_um u, W_rg r, W_ug u), padded document positions excluded from the statistics of
@@ -24,13 +24,12 @@ How the backward LSTM reads a padded batch is the one difference between bn-e* a
 Cooijmans §5.4: "it is common to simply reverse the padded sequences, thus moving the
 padding to the front", with the states "not updated based on padded regions", so that a
 sequence's state stays at h_0 = 0 while its front padding goes by and the frame-wise
-statistics of those first steps see rows with no variance. `bnrnn.BNLSTM` always reverses
-the unpadded part only (bn-e**), so the other BN models use `PaddedReverseBNLSTM`, written
-here with the library's step function and `StepBatchNorm`, for their backward direction.
-Their forward direction is `bnrnn.BNLSTM` with ``lengths``. For the plain LSTM both ways of
-reversing give the same outputs (no statistics couple the rows, and a state held at zero
-through the front padding starts the sequence exactly as h_0 does), so ``lstm`` uses
-`torch.nn.LSTM` over packed sequences.
+statistics of those first steps see rows with no variance. That is
+``bnrnn.BNLSTM(reverse="padded")``, which bnlstm, bn-everywhere and bn-e* use; bn-e** uses
+the default ``reverse="unpadded"`` (each sequence's own part reversed). Every reader's LSTMs
+are `bnrnn.BNLSTM` (``lstm``: ``norm=None``, the equations of `torch.nn.LSTM`; for it both
+ways of reversing give the same outputs: no statistics couple the rows, and a state held at
+zero through the front padding starts the sequence exactly as h_0 does).
 
 Consequence, tested in ``tests/experiments/test_qa_model.py``: ``lstm`` and ``bn-e**`` give
 the same outputs whatever the padding; the other three depend on how much padding a batch
@@ -40,17 +39,13 @@ values at padded positions, and their attention and its statistics ignore padded
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import bnrnn
-from bnrnn import StepBatchNorm, StepNorms, lstm_step
-from bnrnn.init import init_direction
+from bnrnn import StepBatchNorm
 from bnrnn.packing import batch_sizes_of, present_steps
 
 from ..config import MODELS
@@ -60,7 +55,6 @@ from .presets import READER_MODELS
 __all__ = [
     "AttentiveReader",
     "BiEncoder",
-    "PaddedReverseBNLSTM",
     "reader_lstm",
     "sequence_batch_norm",
 ]
@@ -82,194 +76,30 @@ def sequence_batch_norm(bn: StepBatchNorm, z: Tensor, lengths: Tensor) -> Tensor
     return out.index_select(1, inverse.to(z.device))
 
 
-class PaddedReverseBNLSTM(nn.Module):
-    """The backward direction of a bidirectional BN-LSTM that reverses the *padded* batch
-    (Cooijmans §5.4, the common practice bn-e** corrects): the padding of each sequence comes
-    first, during which its state is held at h_0 = c_0 = 0 (not updated from padding) while
-    its row still enters every frame-wise statistic (as a masked minibatch computation
-    does). Statistics of step t are over all N rows at padded position t, and population
-    statistics are indexed by t; so the result depends on how much padding the batch has.
-
-    Equations are Cooijmans eq. 6-8 (`bnrnn.lstm_step`). ``input_stats="sequence"``: one
-    mean and variance of W_ih x over the unpadded frames (Laurent eq. 20-21; the padding's
-    zeros do not bias it, which is what bn-e* fixes); ``"frame"``: per step over all rows,
-    zeros of the padding included.
-
-    Parameters as one direction of `torch.nn.LSTM`: weight_ih (4H, I), weight_hh (4H, H),
-    bias_ih, bias_hh (4H,), gates (i, f, g, o); BN modules bn_ih, bn_hh (4H features, no
-    shift) and bn_c (H features, with shift).
-
-    forward(x (T, N, I) zero-padded at the end, lengths (N,)) -> (output (T, N, H) in the
-    input's time order, zero at padded positions; (h_n, c_n) each (N, H), the state after
-    reading each sequence back to its first token).
-    """
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        input_stats: str = "frame",
-        max_length: int = 100,
-        momentum: float | None = 0.1,
-        eps: float = 1e-5,
-        gamma_init: float = 0.1,
-        weight_init: str = "orthogonal",
-        forget_bias: float = 0.0,
-    ) -> None:
-        super().__init__()
-        if input_stats not in ("frame", "sequence"):
-            raise ValueError(f"input_stats must be 'frame' or 'sequence', got {input_stats!r}")
-        G = 4 * hidden_size
-        self.input_size = input_size
-        self.hidden_size = hidden_size
-        self.input_stats = input_stats
-        self.weight_init = weight_init
-        self.forget_bias = forget_bias
-        self.weight_ih = nn.Parameter(torch.empty(G, input_size))
-        self.weight_hh = nn.Parameter(torch.empty(G, hidden_size))
-        self.bias_ih = nn.Parameter(torch.empty(G))
-        self.bias_hh = nn.Parameter(torch.empty(G))
-        kw = {"eps": eps, "momentum": momentum, "gamma_init": gamma_init}
-        rows = 1 if input_stats == "sequence" else max_length
-        self.bn_ih = StepBatchNorm(G, rows, **kw)
-        self.bn_hh = StepBatchNorm(G, max_length, **kw)
-        self.bn_c = StepBatchNorm(hidden_size, max_length, shift=True, **kw)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        init_direction(
-            self.weight_ih,
-            self.weight_hh,
-            self.bias_ih,
-            self.bias_hh,
-            self.weight_init,
-            4,
-            self.forget_bias,
-        )
-        for bn in (self.bn_ih, self.bn_hh, self.bn_c):
-            bn.reset_parameters()
-
-    def extra_repr(self) -> str:
-        return f"{self.input_size}, {self.hidden_size}, input_stats={self.input_stats!r}"
-
-    def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        T, N, _ = x.shape
-        present = present_steps(lengths, T, x.device)  # (T, N)
-        x = torch.where(present[..., None], x, 0)
-        wx = F.linear(x, self.weight_ih)  # (T, N, 4H)
-        if self.input_stats == "sequence":
-            wx = sequence_batch_norm(self.bn_ih, wx, lengths)  # Laurent eq. 20-21
-        wx, mask = wx.flip(0), present.flip(0)  # the padding now comes first
-        if self.input_stats == "frame":
-            wx = self.bn_ih.frames(wx, [N] * T)  # every row, the padding's zeros included
-        bias = self.bias_ih + self.bias_hh
-        h = x.new_zeros(N, self.hidden_size)
-        c = x.new_zeros(N, self.hidden_size)
-        # Frame-wise statistics of W_hh h and c over all N rows at every step. They are
-        # computed here and folded into the population rows once after the loop (the
-        # same update as `StepBatchNorm.step` per step, which is slow in a Python loop).
-        batch_stats = self.bn_hh.uses_batch_stats and N >= 2
-        seen: dict[str, list[tuple[Tensor, Tensor]]] = {"hh": [], "c": []}
-        outputs = []
-        for t, (wx_t, m_t) in enumerate(zip(wx.unbind(0), mask.unbind(0))):
-            norms = StepNorms(
-                hh=functools.partial(self._norm, "hh", t, batch_stats, seen),
-                c=functools.partial(self._norm, "c", t, batch_stats, seen),
-            )
-            h_new, c_new = lstm_step(wx_t, (h, c), self.weight_hh, bias, norms)  # (N, H)
-            m = m_t[:, None]
-            h = torch.where(m, h_new, h)  # padding does not update the state
-            c = torch.where(m, c_new, c)
-            outputs.append(torch.where(m, h_new, 0))
-        if batch_stats:
-            for key, stats in seen.items():
-                _track_steps(getattr(self, f"bn_{key}"), stats, N)
-        return torch.stack(outputs).flip(0), (h, c)
-
-    def _norm(
-        self,
-        key: str,
-        t: int,
-        batch_stats: bool,
-        seen: dict[str, list[tuple[Tensor, Tensor]]],
-        z: Tensor,
-    ) -> Tensor:
-        """BN of step ``t`` of ``bn_{key}`` over all rows of ``z`` (n, F)."""
-        bn: StepBatchNorm = getattr(self, f"bn_{key}")
-        if batch_stats:
-            mean, var = z.mean(0), z.var(0, unbiased=False)
-            seen[key].append((mean.detach(), var.detach()))
-        else:
-            row = bn.population_row(t)  # Cooijmans §3: the last tracked row beyond T_max
-            mean, var = bn.running_mean[row], bn.running_var[row]
-        out = (z - mean) * torch.rsqrt(var + bn.eps) * bn.weight
-        return out if bn.bias is None else out + bn.bias
-
-
-@torch.no_grad()
-def _track_steps(bn: StepBatchNorm, stats: list[tuple[Tensor, Tensor]], n: int) -> None:
-    """Fold the batch statistics (mean, biased variance) of steps 0..len(stats)-1, each over
-    ``n`` rows, into the population rows of ``bn`` in one call of its own update rule."""
-    if not stats:
-        return
-    mean = torch.stack([m for m, _ in stats])  # (k, F)
-    var = torch.stack([v for _, v in stats])
-    bn._track(torch.arange(len(stats)), mean, var, [n] * len(stats))
-
-
-class _PackedLSTM(nn.LSTM):
-    """`torch.nn.LSTM` over packed sequences: forward(x (T, N, I), lengths (N,)) -> (y
-    (T, N, D*H), zero at padded positions; (h_n, c_n) each (D, N, H) at each sequence's own
-    ends)."""
-
-    def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:  # type: ignore[override]
-        packed = pack_padded_sequence(x, lengths.to("cpu"), enforce_sorted=False)
-        out, state = super().forward(packed)
-        y, _ = pad_packed_sequence(out, total_length=x.shape[0])
-        return y, state
-
-
-class _PaddedReverseBiLSTM(nn.Module):
-    """A bidirectional BN-LSTM whose backward direction reverses the padded batch: forward
-    `bnrnn.BNLSTM` with the lengths, backward `PaddedReverseBNLSTM`. The contract of
-    ``bnrnn.BNLSTM(bidirectional=True)`` with ``lengths``."""
-
-    def __init__(self, input_size: int, hidden_size: int, **kw: Any) -> None:
-        super().__init__()
-        self.forward_lstm = bnrnn.BNLSTM(input_size, hidden_size, **kw)
-        del kw["norm"]
-        self.backward_lstm = PaddedReverseBNLSTM(input_size, hidden_size, **kw)
-
-    def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        y_f, (h_f, c_f) = self.forward_lstm(x, lengths=lengths)  # (T, N, H), (1, N, H)
-        y_b, (h_b, c_b) = self.backward_lstm(x, lengths)  # (T, N, H), (N, H)
-        return torch.cat([y_f, y_b], -1), (torch.cat([h_f, h_b[None]]), torch.cat([c_f, c_b[None]]))
-
-
 def reader_lstm(
     spec: ModelSpec, input_size: int, hidden_size: int, input_stats: str = "frame", **kw: Any
-) -> nn.Module:
+) -> bnrnn.BNLSTM:
     """The bidirectional one-layer LSTM of a reader ``spec`` (the one place a reader's
-    recurrent layers are built): `torch.nn.LSTM` over packed sequences without BN, else a
-    BN-LSTM (``spec.norm``) whose backward direction reads the batch as ``spec.reverse``
-    says. ``input_stats``: of W_ih x, unless the model fixes it (``spec.input_stats``).
-    ``kw``: max_length, momentum, eps, gamma_init, weight_init, forget_bias, as
-    `bnrnn.BNLSTM` takes them (the plain LSTM uses the last two).
+    recurrent layers are built): `bnrnn.BNLSTM` with ``spec.norm`` (None: the plain LSTM,
+    `torch.nn.LSTM`'s equations) whose backward direction reads a padded batch as
+    ``spec.reverse`` says (Cooijmans §5.4). ``input_stats``: of W_ih x, unless the model
+    fixes it (``spec.input_stats``). ``kw``: max_length, momentum, eps, gamma_init,
+    weight_init, forget_bias, as `bnrnn.BNLSTM` takes them.
 
-    forward(x (T, N, I), lengths (N,)) -> (y (T, N, 2H), zero at padded positions;
+    forward(x (T, N, I), lengths=(N,)) -> (y (T, N, 2H), zero at padded positions;
     (h_n, c_n) each (2, N, H): forward state at each sequence's last token, backward state
     at its first).
     """
-    if spec.norm is None:
-        lstm = _PackedLSTM(input_size, hidden_size, bidirectional=True)
-        for sfx in ("_l0", "_l0_reverse"):
-            w = [getattr(lstm, n + sfx) for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-            init_direction(*w, kw["weight_init"], 4, kw["forget_bias"])
-        return lstm
-    bn = {"norm": spec.norm, "input_stats": spec.input_stats or input_stats, **kw}
-    if spec.reverse == "unpadded":
-        return bnrnn.BNLSTM(input_size, hidden_size, bidirectional=True, **bn)
-    return _PaddedReverseBiLSTM(input_size, hidden_size, **bn)
+    stats = (spec.input_stats or input_stats) if spec.norm is not None else "frame"
+    return bnrnn.BNLSTM(
+        input_size,
+        hidden_size,
+        bidirectional=True,
+        norm=spec.norm,
+        input_stats=stats,
+        reverse=spec.reverse,
+        **kw,
+    )
 
 
 class BiEncoder(nn.Module):

@@ -11,6 +11,10 @@
 // Updates:
 //   d_h, d_c (N, H) in: dL/dh, dL/dc after step t1 - 1; out: after step t0 - 1 (rows past
 //                   a step's present sequences pass through unchanged)
+//   hold_h, hold_c (N, H) with active (Cooijmans §5.4): at step t the rows not updated
+//                   there (in their leading padding: their state is h0, c0) move d_h, d_c
+//                   into these, accumulated, and take part in the step with zero dL/dh_t
+//                   and dL/dc_t (the caller zeroes their d_out)
 //   d_wx (K, N, G)  out: dL/d(W_ih x_t) [t - t0] (one step scratch with inline_ih when
 //                   nothing else needs it), zero beyond each step's present rows
 //   d_wh (K, N, G)  out: dL/d(W_hh h_{t-1}) [t - t0]; absent: the same as d_wx (BN of the
@@ -147,6 +151,7 @@ void lstm_units_backward(const Loop& lp, int64_t t, int64_t n, int64_t ja, int64
   const T* dh_buf = data<T>(lp.d_h);
   const T* c = data<T>(lp.cell) + t * N * H;
   const T* c_prev = t == 0 ? data<T>(lp.c0) : data<T>(lp.cell) + (t - 1) * N * H;
+  const int64_t init = lp.initial_from(t);  // rows [init, n) read c0 (Cooijmans §5.4)
   T* dc_buf = data<T>(lp.d_c);
   T s1[CHUNK] = {}, s2[CHUNK] = {}, mu[CHUNK], rs[CHUNK];
   if (lp.c.on) {
@@ -203,7 +208,8 @@ void lstm_units_backward(const Loop& lp, int64_t t, int64_t n, int64_t ja, int64
   for (int64_t r = 0; r < n; ++r) {
     const int64_t o = r * H + ja;
     auto kernel = lp.c.on ? lstm_gate_grads<T, true> : lstm_gate_grads<T, false>;
-    kernel(w, H, act + r * G + ja, tc + r * CHUNK, dout + o, dh_buf + o, c + o, c_prev + o,
+    const T* cp = (r >= init ? data<T>(lp.c0) : c_prev) + o;
+    kernel(w, H, act + r * G + ja, tc + r * CHUNK, dout + o, dh_buf + o, c + o, cp,
            scratch + r * CHUNK, dc_buf + o, da + r * G + ja, m1, m2, mu, rs, sc);
   }
 }
@@ -285,6 +291,23 @@ void backward_block(const Loop& lp, int64_t t0, int64_t t, int64_t n, int64_t j0
   }
 }
 
+// Cooijmans §5.4, with active: the rows [updated(t), n) keep their initial state through
+// step t, so dL/d(their state after t) is dL/d(h0, c0): move it from d_h, d_c into hold_h,
+// hold_c for units [j0, j1), leaving zero as the gradient of what step t computed for them.
+template <typename T>
+void hold_rows(const Loop& lp, int64_t t, int64_t n, int64_t j0, int64_t j1) {
+  const int64_t H = lp.H;
+  for (int64_t r = lp.updated(t); r < n; ++r) {
+    T* dh = data<T>(lp.d_h) + r * H;
+    T* acc = data<T>(lp.hold_h) + r * H;
+    for (int64_t j = j0; j < j1; ++j) acc[j] += dh[j], dh[j] = T(0);
+    if (lp.kind != LSTM) continue;
+    T* dc = data<T>(lp.d_c) + r * H;
+    T* acc_c = data<T>(lp.hold_c) + r * H;
+    for (int64_t j = j0; j < j1; ++j) acc_c[j] += dc[j], dc[j] = T(0);
+  }
+}
+
 template <typename T>
 void backward_impl(const Loop& lp) {
   const int64_t N = lp.N, H = lp.H, G = lp.G, t0 = lp.t0, t1 = lp.t1;
@@ -333,6 +356,7 @@ void backward_impl(const Loop& lp) {
     // rows beyond the sequences present at t + 1 keep dh as it came in (dL/dh_n)
     if (nb > 1 && t + 1 < t1) gather((t + 1) % 2, lp.sizes[t + 1], p);
     T* s = scratch[p].data();
+    if (!lp.active.empty()) hold_rows<T>(lp, t, n, bl.j0[p], bl.j1[p]);
     if (gi) gi->run<T>(p, data<T>(lp.x) + t * N * lp.I, data<T>(lp.xhat_ih), n);
     backward_block<T>(lp, t0, t, n, bl.j0[p], bl.j1[p], s, s + N * CHUNK, zero_bias.data());
     gh.run<T>(p, d_wh + (t - t0) * N * G, nb > 1 ? partial + ((t % 2) * nb + p) * N * H : dh, n);

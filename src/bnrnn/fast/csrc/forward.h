@@ -8,7 +8,9 @@
 //                  pre-activation
 //   gates[s] (N, G) = the gate activations (LSTM: sigmoid, sigmoid, tanh, sigmoid)
 //   cell[s] (N, H) = c_t (without save: c_{t-1} in, c_t out); tanh_cell (N, H) scratch
-//   out[row(t)] (N, H) = h_t, zero beyond the n present rows
+//   out[row(t)] (N, H) = h_t, zero beyond the n present rows (with active: beyond the
+//                  updated rows; the rows still in their leading padding read h0 and c0 as
+//                  their state, Cooijmans §5.4)
 // and the batch statistics of the steps before each BN's batch_steps into its mean and var
 // rows.
 //
@@ -53,6 +55,8 @@ inline int64_t set_row_split_bytes(int64_t bytes) {
 // the first n of the rows are present at t.
 template <typename T> struct StepRows {
   int64_t t, n, Nr, r0, s;  // s: the index of step t in the saved buffers
+  int64_t m;  // the first m of the rows are updated (n without active)
+  int64_t init;  // rows [init, n) read the initial state (h0, c0) (Loop::initial_from)
   T* wx;
   T* wh;
   T* act;
@@ -66,6 +70,8 @@ StepRows<T> step_rows(const Loop& lp, int64_t t, int64_t n_all, int64_t r0, int6
   StepRows<T> st;
   st.t = t, st.Nr = r1 - r0, st.r0 = r0, st.s = s;
   st.n = std::clamp<int64_t>(n_all - r0, 0, st.Nr);
+  st.m = std::clamp<int64_t>(lp.updated(t) - r0, 0, st.n);
+  st.init = std::clamp<int64_t>(lp.initial_from(t) - r0, 0, st.n);
   st.wx = data<T>(lp.wx) + (lp.inline_ih || lp.step_ih ? 0 : t - lp.wx_base) * N * G + r0 * G;
   st.wh = data<T>(lp.wh) + (lp.hh.on ? s : 0) * N * G + r0 * G;
   st.act = data<T>(lp.gates) + (lp.kind == LSTM && !lp.recompute_act ? s : 0) * N * G + r0 * G;
@@ -137,6 +143,7 @@ void lstm_train_units(const Loop& lp, const StepRows<T>& st, int64_t ja, int64_t
   const T* c_prev = inplace ? nullptr
                     : t == 0  ? data<T>(lp.c0) + st.r0 * H
                               : data<T>(lp.cell) + (t - 1) * N * H + st.r0 * H;
+  const T* c_init = data<T>(lp.c0) + st.r0 * H;  // rows [st.init, n): c0 (Cooijmans §5.4)
   for (int64_t r = 0; r < n; ++r) {
     T* a = st.act + r * G + ja;
     for (int64_t k = 0; k < 4; ++k) {
@@ -150,7 +157,8 @@ void lstm_train_units(const Loop& lp, const StepRows<T>& st, int64_t ja, int64_t
     if (inplace) {
       lstm_cell_row<T, true>(w, H, a, nullptr, c + r * H + ja);
     } else {
-      lstm_cell_row<T, false>(w, H, a, c_prev + r * H + ja, c + r * H + ja);
+      const T* cp = (r >= st.init ? c_init : c_prev) + r * H + ja;
+      lstm_cell_row<T, false>(w, H, a, cp, c + r * H + ja);
     }
   }
   T* q = co;  // BN(c) as mean, rstd, gamma, beta
@@ -244,6 +252,8 @@ void cell_units(const Loop& lp, const StepRows<T>& st, int64_t ja, int64_t w, bo
   T* c = data<T>(lp.cell) + st.s * N * H + r0 * H;
   const T* c_prev = (t == 0 || !lp.save) ? (lp.save ? data<T>(lp.c0) + r0 * H : c)
                                          : data<T>(lp.cell) + (t - 1) * N * H + r0 * H;
+  // rows [init, n) read c0 (Cooijmans §5.4; without save forward_block put it in c)
+  const T* c_init = lp.save ? data<T>(lp.c0) + r0 * H : c;
   T* tc = data<T>(lp.tanh_cell) + r0 * H;  // one step: the backward recomputes it
   T Ac[CHUNK], Cc[CHUNK];  // BN(c) as an affine map (given statistics), else the identity
   if (affine_c) {
@@ -253,7 +263,7 @@ void cell_units(const Loop& lp, const StepRows<T>& st, int64_t ja, int64_t w, bo
   }
   for (int64_t r = 0; r < n; ++r) {
     const T* a = st.act + r * G + ja;
-    const T* cp = c_prev + r * H + ja;
+    const T* cp = (r >= st.init ? c_init : c_prev) + r * H + ja;
     T* cr = c + r * H + ja;
     T* tr = tc + r * H + ja;
     for (int64_t j = 0; j < w; ++j) {
@@ -285,6 +295,14 @@ void forward_block(const Loop& lp, int64_t t, int64_t n_all, int64_t j0, int64_t
   // feature, so the pre-activation is one pass a = wh * A + wx * B + C.
   const bool affine = !lp.save && !lp.pre.batch_at(t) && !lp.hh.batch_at(t) && !lp.ih.batch_at(t);
   const bool affine_c = !lp.save && !lp.c.batch_at(t);
+  if (!lp.active.empty() && !lp.save && lp.kind == LSTM) {
+    // Cooijmans §5.4: a row still in its leading padding reads c0 as c_{t-1}; the one-step
+    // cell holds the c_t it computed (and did not keep) at step t - 1
+    const int64_t H = lp.H;
+    for (int64_t r = st.init; r < st.n; ++r)
+      std::copy(data<T>(lp.c0) + (r0 + r) * H + j0, data<T>(lp.c0) + (r0 + r) * H + j1,
+                data<T>(lp.cell) + (r0 + r) * H + j0);
+  }
   for (int64_t ja = j0; ja < j1; ja += CHUNK) {
     const int64_t w = std::min(CHUNK, j1 - ja);
     if (affine && affine_c && lp.kind == LSTM) {
@@ -300,7 +318,9 @@ void forward_block(const Loop& lp, int64_t t, int64_t n_all, int64_t j0, int64_t
           std::memcpy(st.out + r * lp.H + ja, st.act + r * lp.G + ja, w * sizeof(T));
       }
     }
-    for (int64_t r = st.n; r < st.Nr; ++r) std::memset(st.out + r * lp.H + ja, 0, w * sizeof(T));
+    // rows beyond those present, and rows still in their leading padding (computed for the
+    // statistics, Cooijmans §5.4): output zero
+    for (int64_t r = st.m; r < st.Nr; ++r) std::memset(st.out + r * lp.H + ja, 0, w * sizeof(T));
   }
 }
 
@@ -328,7 +348,10 @@ bool forward_rows(const Loop& lp) {
       const int64_t m = std::clamp<int64_t>(lp.sizes[t] - r0, 0, r1 - r0);
       const T* h_prev = t == 0 ? data<T>(lp.h0) : data<T>(lp.out) + lp.row(t - 1) * N * H;
       T* wh = data<T>(lp.wh);  // one step (nothing is saved here)
-      gh.run<T>(0, h_prev + r0 * H, wh + r0 * G, m);
+      // rows [k, m) read h0 (still in their leading padding, Cooijmans §5.4)
+      const int64_t k = std::clamp<int64_t>(lp.initial_from(t) - r0, 0, m);
+      gh.run<T>(0, h_prev + r0 * H, wh + r0 * G, k);
+      gh.run<T>(0, data<T>(lp.h0) + (r0 + k) * H, wh + (r0 + k) * G, m - k);
       if (gi)
         gi->run<T>(0, data<T>(lp.x) + (lp.row(t) * N + r0) * lp.I, data<T>(lp.wx) + r0 * G, m);
       forward_block<T>(lp, t, lp.sizes[t], 0, H, r0, r1);
@@ -351,7 +374,10 @@ void forward_impl(const Loop& lp) {
     const int64_t s = lp.save ? t : 0;
     const T* h_prev = t == 0 ? data<T>(lp.h0) : data<T>(lp.out) + lp.row(t - 1) * N * H;
     T* wh = data<T>(lp.wh) + (lp.hh.on ? s : 0) * N * G;
-    gh.run<T>(p, h_prev, wh, n);
+    // rows [k, n) read h0 (still in their leading padding, Cooijmans §5.4)
+    const int64_t k = std::min(lp.initial_from(t), n);
+    gh.run<T>(p, h_prev, wh, k);
+    gh.run<T>(p, data<T>(lp.h0) + k * H, wh + k * G, n - k);
     if (gi) gi->run<T>(p, data<T>(lp.x) + lp.row(t) * N * lp.I, data<T>(lp.wx), n);
     forward_block<T>(lp, t, n, bl.j0[p], bl.j1[p], 0, N);
   });

@@ -12,6 +12,12 @@
 // sequence-wise statistics (Laurent eq. 20-21, computed before the loop); steps
 // [0, batch_steps) have batch statistics, which the loops compute and store, the other
 // steps read the rows the caller filled (population statistics).
+//
+// A padded batch read flipped in time (`active`, reverse="padded", Cooijmans §5.4: the
+// padding comes first) has all N rows present at every step (sizes[t] = N: they all enter
+// the statistics), but step t updates the rows [0, active[t]) only: the rows
+// [active[t], N) are in their leading padding, computed with zero input from their initial
+// state (h0, c0), which they keep, and output zero (updated, initial_from).
 
 #pragma once
 
@@ -46,6 +52,7 @@ struct Loop {
   Kind kind = LSTM;
   int64_t T = 0, N = 0, H = 0, G = 0, I = 0;
   std::vector<int64_t> sizes;  // (T,) sequences present at each step
+  std::vector<int64_t> active;  // (T,) rows updated at each step, increasing; empty: sizes
   int64_t t0 = 0, t1 = 0;  // the steps of this call
   Norm ih, hh, pre, c;  // BN of W_ih x, W_hh h, the pre-activation, c_t
   bool save = false;  // keep per step what the backward reads
@@ -71,8 +78,18 @@ struct Loop {
   at::Tensor w_hh, w_ih, d_out, d_h, d_c, d_wx, d_wh, xhat_ih, d_x;
   at::Tensor grad_bias, grad_gamma_ih, grad_gamma_hh, grad_gamma_pre, grad_gamma_c, grad_beta_c;
   at::Tensor grad_w_ih_t;
+  // with active: dL/dh0, dL/dc0 (N, H) of the rows in their leading padding, accumulated (at
+  // each step the backward moves d_h and d_c of the rows not updated there into these)
+  at::Tensor hold_h, hold_c;
   // the time index of step t in x and out
   int64_t row(int64_t t) const { return reverse ? T - 1 - t : t; }
+  // step t updates the state of the rows [0, updated(t)) (Cooijmans §5.4: not from padding)
+  int64_t updated(int64_t t) const { return active.empty() ? sizes[t] : active[t]; }
+  // the first row whose state before step t is still the initial one (h0, c0): it has read
+  // only padding so far; N when none
+  int64_t initial_from(int64_t t) const {
+    return t == 0 ? 0 : active.empty() ? N : active[t - 1];
+  }
 };
 
 // The data of a tensor, or nullptr if it is undefined (absent).

@@ -101,6 +101,9 @@ Loop common(const Named& a) {
   lp.kind = kind_of(a["kind"].toStringRef());
   lp.sizes = a["batch_sizes"].toIntVector();
   lp.T = (int64_t)lp.sizes.size();
+  lp.active = a["active"].toIntVector();
+  TORCH_CHECK(lp.active.empty() || (int64_t)lp.active.size() == lp.T, "active: ",
+              lp.active.size(), " steps, expected ", lp.T);
   lp.t0 = a.integer("t0");
   lp.t1 = a.integer("t1");
   TORCH_CHECK(0 <= lp.t0 && lp.t0 <= lp.t1 && lp.t1 <= lp.T, "steps [", lp.t0, ", ", lp.t1,
@@ -159,6 +162,8 @@ void forward_loop(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
                             !lp.recompute_act),
               "layer normalisation: LN of W_ih x, W_hh h and (LSTM) c; W_ih x given, "
               "and forward time, with a backward");
+  TORCH_CHECK(lp.active.empty() || !(lp.layer || lp.reverse),
+              "active rows: not with layer normalisation nor reversed time");
   AT_DISPATCH_FLOATING_TYPES(lp.out.scalar_type(), "bnrnn_fast::forward_loop", [&] {
     if (lp.layer) {
       layer_forward_impl<scalar_t>(lp);
@@ -195,7 +200,12 @@ void backward_loop(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   lp.grad_gamma_c = a.tensor("grad_gamma_c");
   lp.grad_beta_c = a.tensor("grad_beta_c");
   lp.grad_w_ih_t = a.tensor("grad_w_ih_t");
+  lp.hold_h = a.tensor("hold_h");
+  lp.hold_c = a.tensor("hold_c");
   set_norms(lp, a);
+  TORCH_CHECK(lp.active.empty() || (!lp.layer && lp.hold_h.defined() &&
+                                    (lp.kind != LSTM || lp.hold_c.defined())),
+              "active rows: hold_h (and hold_c for the LSTM), not with layer normalisation");
   TORCH_CHECK(lp.I > 0 || !(lp.inline_ih || (lp.step_ih && lp.ih.on)),
               "W_ih x_t in the step needs x");
   TORCH_CHECK(!lp.layer || (lp.ih.on && lp.hh.on && lp.c.on == (lp.kind == LSTM) &&
@@ -224,7 +234,7 @@ constexpr const char* FORWARD_LOOP =
     "float eps_ih, float eps_hh, float eps_pre, float eps_c, "
     "int batch_steps_ih, int batch_steps_hh, int batch_steps_pre, int batch_steps_c, "
     "bool sequence_ih, bool save, int wx_base, bool inline_ih, bool step_ih, bool reverse, "
-    "bool recompute_act, bool layer=False) -> ()";
+    "bool recompute_act, bool layer=False, int[] active=[]) -> ()";
 
 constexpr const char* BACKWARD_LOOP =
     "backward_loop("
@@ -238,12 +248,12 @@ constexpr const char* BACKWARD_LOOP =
     "Tensor(f!)? xhat_ih, Tensor(g!)? d_x, "
     "Tensor(h!) grad_bias, Tensor(i!)? grad_gamma_ih, Tensor(j!)? grad_gamma_hh, "
     "Tensor(k!)? grad_gamma_pre, Tensor(l!)? grad_gamma_c, Tensor(m!)? grad_beta_c, "
-    "Tensor(n!)? grad_w_ih_t, "
+    "Tensor(n!)? grad_w_ih_t, Tensor(o!)? hold_h, Tensor(p!)? hold_c, "
     "*, str kind, int[] batch_sizes, int t0, int t1, "
     "float eps_ih, float eps_hh, float eps_pre, float eps_c, "
     "int batch_steps_ih, int batch_steps_hh, int batch_steps_pre, int batch_steps_c, "
     "bool sequence_ih, bool inline_ih, bool step_ih, bool recompute_act, "
-    "bool layer=False) -> ()";
+    "bool layer=False, int[] active=[]) -> ()";
 
 }  // namespace
 }  // namespace bnrnn_fast
