@@ -216,7 +216,6 @@ def test_convert_sync_batchnorm_marks_every_norm_module():
     net["a"](torch.randn(4, 3, 3))
 
 
-
 def test_padded_reversal_with_synchronised_statistics_is_an_error(synced):
     """Not supported (the group's statistics of a padded batch read flipped are not
     implemented): a one-line error on every process, not a silently different number."""
