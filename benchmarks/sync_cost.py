@@ -115,7 +115,7 @@ def _worker(rank: int, init: str, args: argparse.Namespace, T: int, out: str) ->
             for name in ("synced-fast", "synced-ref")
             if name in variants
         }
-        sizes = sorted({n for counts in collectives.values() for n in counts})
+        sizes = sorted({n for found in collectives.values() for n in found["sizes"]})
         floor = {n: _all_reduce_us(n, max(20, args.rounds * 50)) for n in sizes}
         if rank == 0:
             torch.save({"times": times, "paths": paths, "collectives": collectives,
@@ -124,26 +124,39 @@ def _worker(rank: int, init: str, args: argparse.Namespace, T: int, out: str) ->
         dist.destroy_process_group()
 
 
-def _count_collectives(variant: Any, x: torch.Tensor, y: torch.Tensor) -> list[int]:
+def _count_collectives(variant: Any, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
     """The element counts of the all-reduces the layers issue in one synchronised training
     step, forward and backward (DDP's gradient buckets excluded: the unsynced variants pay
-    those too)."""
+    those too), and the seconds spent inside them and in the whole step, median of 5 steps
+    (inside the loop a blocking all-reduce also waits for the other process to reach it)."""
     ddp, opt, _ = variant
     sizes: list[int] = []
+    inside = [0.0]
     original = dist.all_reduce
 
     def counting(tensor, *a, **k):
         sizes.append(tensor.numel())
-        return original(tensor, *a, **k)
+        t0 = time.perf_counter()
+        work = original(tensor, *a, **k)
+        inside[0] += time.perf_counter() - t0
+        return work
 
     dist.all_reduce = counting
+    steps, waits = [], []
     try:
-        loss = nn.functional.cross_entropy(ddp(x), y)
-        opt.zero_grad()
-        loss.backward()
+        for _ in range(5):
+            sizes.clear()
+            inside[0] = 0.0
+            dist.barrier()
+            t0 = time.perf_counter()
+            loss = nn.functional.cross_entropy(ddp(x), y)
+            opt.zero_grad()
+            loss.backward()
+            steps.append(time.perf_counter() - t0)
+            waits.append(inside[0])
     finally:
         dist.all_reduce = original
-    return sizes
+    return {"sizes": sizes, "step": statistics.median(steps), "inside": statistics.median(waits)}
 
 
 def _all_reduce_us(numel: int, repeats: int) -> float:
@@ -185,7 +198,8 @@ def report(args: argparse.Namespace, T: int, res: dict[str, Any]) -> dict[str, f
         print(f"  synced-ref / unsynced-ref       = {med['synced-ref'] / med['unsynced-ref']:.2f}")
     floor_us = res["floor_us"]
     row = {"T": T, "synced": med["synced-fast"], "unsynced": fast, "ratio": ratio}
-    for name, sizes in res["collectives"].items():
+    for name, found in res["collectives"].items():
+        sizes = found["sizes"]
         total = sum(floor_us[n] for n in sizes) / 1000
         print(
             f"  {name}: all-reduces of the layers per training step: {len(sizes)} "
@@ -194,6 +208,9 @@ def report(args: argparse.Namespace, T: int, res: dict[str, Any]) -> dict[str, f
         for n in sorted(set(sizes)):
             print(f"    {sizes.count(n):5d} x {n:7d} floats: {floor_us[n]:7.1f} us each "
                   "(gloo, median)")  # fmt: skip
+        print(f"  {name}, in the step: {1000 * found['inside']:.1f} ms of "
+              f"{1000 * found['step']:.1f} ms inside those all-reduces (the rest: "
+              f"{1000 * (found['step'] - found['inside']):.1f} ms)")  # fmt: skip
         if name == "synced-fast":
             floor = (fast + total) / fast
             print(f"  their floor: synced-fast / unsynced-fast >= {floor:.2f}")

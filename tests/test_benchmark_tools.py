@@ -76,6 +76,8 @@ def test_sync_cost_runs_its_variants_on_their_paths():
     assert res["paths"]["synced-fast"] == "fast path, PyTorch loops"
     assert res["paths"]["unsynced-python"] == "fast path, PyTorch loops"
     assert set(res["collectives"]) == {"synced-fast"}
-    assert len(res["collectives"]["synced-fast"]) == 2 + 1 + 4 * T + 1
+    found = res["collectives"]["synced-fast"]
+    assert len(found["sizes"]) == 2 + 1 + 4 * T + 1
+    assert 0 < found["inside"] < found["step"]
     row = sync_cost.report(args, T, res)
     assert row["per_step"] == (2 + 1 + 4 * T + 1) / T
