@@ -310,10 +310,24 @@ def synced_moments(
     packed = _AllReduceSum.apply(packed, group)
     total, total_sq, n = packed.split([F, F, 1], 1)
     n = n.squeeze(1)
-    denom = n.clamp(min=1)[:, None]
-    mean = total / denom
-    var = (total_sq / denom - mean.square()).clamp(min=0)
+    mean, var = moments_of_sums(total, total_sq, n.clamp(min=1)[:, None])
     return mean, var, n.detach().round().long()
+
+
+def moments_of_sums(total: Tensor, squares: Tensor, n: Tensor | int) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance of n values from their sum and sum of squares (the form
+    in which synchronised statistics are all-reduced)."""
+    mean = total / n
+    return mean, (squares / n - mean.square()).clamp(min=0)
+
+
+def group_batch_sizes(batch_sizes: Sequence[int], group: object, device: torch.device) -> list[int]:
+    """The sequences present at each step over the process group (every process passes
+    the same number of steps): one all-reduce, on the data's device (NCCL reduces CUDA
+    tensors only)."""
+    sizes = torch.tensor(list(batch_sizes), device=device)
+    dist.all_reduce(sizes, group=group)
+    return sizes.tolist()
 
 
 def folded_statistics(

@@ -17,7 +17,7 @@ from .checks import check_layer_args, finite, positive_int, warn_user
 from .functional import State, lstm_step, rnn_step
 from .init import WEIGHT_INITS, init_direction
 from .layernorm import StepLayerNorm
-from .norm import StepBatchNorm
+from .norm import StepBatchNorm, group_batch_sizes
 from .packing import SortedBatch, prepare_input, reverse_padded, unpadded
 from .placement import (
     build_norms,
@@ -395,9 +395,7 @@ def _group_steps_and_sizes(
     t = torch.tensor([T], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     T = int(t)
-    counts = torch.tensor(sizes + [0] * (T - len(sizes)), device=device)
-    dist.all_reduce(counts, group=group)
-    return T, counts.tolist()
+    return T, group_batch_sizes(sizes + [0] * (T - len(sizes)), group, device)
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:

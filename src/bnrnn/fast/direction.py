@@ -19,12 +19,12 @@ from torch import Tensor
 
 from ..functional import State, lstm_step, rnn_step
 from ..layernorm import StepLayerNorm
-from ..norm import StepBatchNorm
+from ..norm import StepBatchNorm, group_batch_sizes
 from ..packing import unpadded
 from ..reference import DirectionParams
 from .compiled import uses_compiled
 from .ops import DirectionArgs, direction
-from .plan import LSTM, RNN_RELU, RNN_TANH, batch_steps
+from .plan import LSTM, RNN_RELU, RNN_TANH, batch_steps, counted_sizes
 
 
 def _kind(step: Any) -> str | None:
@@ -146,14 +146,6 @@ def _group(bn: StepBatchNorm) -> Any:
     return bn.process_group or dist.group.WORLD
 
 
-def group_batch_sizes(batch_sizes: list[int], group: Any, device: torch.device) -> list[int]:
-    """The sequences present at each step over the process group (every process passes
-    the same number of steps): one all-reduce, on the data's device."""
-    sizes = torch.tensor(batch_sizes, device=device)
-    dist.all_reduce(sizes, group=group)
-    return sizes.tolist()
-
-
 @torch.no_grad()
 def _write_tracked(
     args: DirectionArgs, bns: dict[str, StepBatchNorm | None], rows: list[Tensor]
@@ -168,7 +160,7 @@ def _write_tracked(
             bn.running_var[start : start + k].copy_(var)
             bn.num_batches_tracked[start : start + k].copy_(count)
         sequence = key == "ih" and args.sequence_ih
-        sizes = args.active if (sequence and args.active is not None) else args.stat_sizes
+        sizes = counted_sizes(args.stat_sizes, args.active, sequence)
         last = args.time_offset + batch_steps(sizes, True, sequence) - 1
         if not sequence and last >= bn.max_length:
             bn._warn_beyond(max(bn.max_length, args.time_offset))

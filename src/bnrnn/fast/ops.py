@@ -35,7 +35,7 @@ from torch import Tensor
 from . import run
 from .buffers import Buffers, NormStats
 from .compiled import uses_compiled
-from .plan import NORM_KEYS, Plan, batch_steps, make_plan, tracked_rows
+from .plan import NORM_KEYS, Plan, batch_steps, counted_sizes, make_plan, tracked_rows
 from .replay import replay
 from .run import Inputs, Population
 from .sync import Sync
@@ -161,7 +161,7 @@ class DirectionArgs(_Differentiable):
         for key in NORM_KEYS:
             mean = getattr(self, f"running_mean_{key}")
             sequence = key == "ih" and self.sequence_ih
-            sizes = self.active if (sequence and self.active is not None) else self.stat_sizes
+            sizes = counted_sizes(self.stat_sizes, self.active, sequence)
             steps = batch_steps(sizes, getattr(self, f"batch_stats_{key}"), sequence)
             if mean is None or steps == 0:
                 continue

@@ -8,7 +8,7 @@ present at step t), H hidden units, G = gates * H (LSTM 4 gates, RNN 1), I input
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -186,6 +186,15 @@ def batch_steps(sizes: tuple[int, ...] | list[int], batch: bool, sequence: bool)
     return steps_of_two(sizes)
 
 
+def counted_sizes(
+    sizes: Sequence[int], active: Sequence[int] | None, sequence: bool
+) -> Sequence[int]:
+    """(T,) what a BN's batch statistics count at each step: ``sizes`` (the present rows,
+    the group's when synchronised), or for sequence-wise statistics of a padded batch read
+    flipped (``active``, Cooijmans §5.4) its unpadded frames (Laurent eq. 20-21)."""
+    return active if (sequence and active is not None) else sizes
+
+
 def steps_of_two(sizes: tuple[int, ...] | list[int]) -> int:
     """The number of first steps with two sequences or more present (sizes decrease)."""
     if sizes[-1] >= 2:  # (the common case without a scan: every step)
@@ -233,7 +242,7 @@ def make_plan(
         if layer:
             return NormPlan(eps, 0, layer=True)
         sequence = key == "ih" and sequence_ih
-        counted = active if (sequence and active is not None) else stat_sizes
+        counted = counted_sizes(stat_sizes, active, sequence)
         return NormPlan(eps, batch_steps(counted, batch, sequence), sequence)
 
     ih, hh, pre, c = (norm(key) for key in NORM_KEYS)

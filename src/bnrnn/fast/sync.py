@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..norm import moments_of_sums
 from ..packing import present
 
 
@@ -57,7 +58,7 @@ class Sync:
         """The mean and biased variance (F,) of step t over the group; z (n, F) holds this
         process's present rows. One all-reduce of (2F,)."""
         total, squares = self.sum(z.sum(0), z.square().sum(0))
-        return _moments(total, squares, self.sizes[t])
+        return moments_of_sums(total, squares, self.sizes[t])
 
     def steps_moments(self, z: Tensor, local: tuple[int, ...], t1: int) -> tuple[Tensor, Tensor]:
         """The means and biased variances (t1, F) of steps [0, t1) over the group; z
@@ -66,14 +67,14 @@ class Sync:
         frames = torch.where(present(local[:t1], z.shape[1], z.device)[..., None], z[:t1], 0)
         total, squares = self.sum(frames.sum(1), frames.square().sum(1))
         n = torch.tensor(self.sizes[:t1], dtype=z.dtype, device=z.device)[:, None]
-        return _moments(total, squares, n)
+        return moments_of_sums(total, squares, n)
 
     def sequence_moments(self, z: Tensor, local: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """The mean and biased variance (F,) over every unpadded frame of the group
         (Laurent eq. 20-21); z (T, N, F) as for `steps_moments`. One all-reduce of (2F,)."""
         frames = torch.where(present(local, z.shape[1], z.device)[..., None], z, 0)
         total, squares = self.sum(frames.sum((0, 1)), frames.square().sum((0, 1)))
-        return _moments(total, squares, sum(self.sizes))
+        return moments_of_sums(total, squares, sum(self.sizes))
 
 
 @dataclass
@@ -89,10 +90,3 @@ class Pending:
             self.work.wait()
         sizes = [s.numel() for s in self.shapes]
         return [v.view(s) for v, s in zip(self.flat.split(sizes), self.shapes)]
-
-
-def _moments(total: Tensor, squares: Tensor, n: Any) -> tuple[Tensor, Tensor]:
-    """Mean and biased variance from sums and sums of squares of n values, as
-    `bnrnn.norm.synced_moments` computes them (the reference's synchronised statistics)."""
-    mean = total / n
-    return mean, (squares / n - mean.square()).clamp(min=0)
